@@ -1,0 +1,172 @@
+//! The chunk frame: how one chunk is stored and sent (docs/FORMAT.md, "Chunk frame").
+
+use crate::{ChunkId, MAX_CHUNK_LEN};
+
+/// How a frame's payload encodes the chunk. The byte values are part of the format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// The payload is the chunk itself (it did not shrink under zstd).
+    Raw = 0,
+    /// The payload is one zstd frame.
+    Zstd = 1,
+}
+
+impl Codec {
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Raw),
+            1 => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// Length of the frame header: codec byte plus u32 uncompressed length.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// Largest payload a frame may carry: zstd may grow incompressible input slightly, but such
+/// input is stored raw, so anything beyond this bound is malformed.
+pub const MAX_PAYLOAD_LEN: u32 = MAX_CHUNK_LEN + 64 * 1024;
+
+/// Why a frame could not be decoded into the chunk it claims to be.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The frame's structure is wrong.
+    #[error("malformed chunk frame: {0}")]
+    Malformed(&'static str),
+    /// The zstd payload did not decode.
+    #[error("chunk payload does not decompress: {0}")]
+    Decompress(std::io::Error),
+    /// The decoded bytes have another length than the frame says.
+    #[error("chunk decompressed to {actual} bytes, frame says {declared}")]
+    LengthMismatch {
+        /// Length the frame declared.
+        declared: u32,
+        /// Length actually decoded.
+        actual: usize,
+    },
+    /// The decoded bytes do not hash to the expected chunk id.
+    #[error("chunk content does not match its id {expected} (hashes to {actual})")]
+    IdMismatch {
+        /// The id the chunk was stored or requested under.
+        expected: ChunkId,
+        /// The BLAKE3 of the decoded bytes.
+        actual: ChunkId,
+    },
+}
+
+/// A compressed (or raw) chunk ready to store or send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedChunk {
+    /// How `payload` encodes the chunk.
+    pub codec: Codec,
+    /// Uncompressed length.
+    pub raw_len: u32,
+    /// The encoded bytes.
+    pub payload: Vec<u8>,
+}
+
+impl EncodedChunk {
+    /// Compresses `data` with zstd at `level`, keeping it raw when that does not shrink it.
+    pub fn compress(data: &[u8], level: i32) -> Self {
+        assert!(!data.is_empty() && data.len() <= MAX_CHUNK_LEN as usize, "chunk length out of range");
+        let raw_len = data.len() as u32;
+        match zstd::bulk::compress(data, level) {
+            Ok(z) if z.len() < data.len() => Self { codec: Codec::Zstd, raw_len, payload: z },
+            _ => Self { codec: Codec::Raw, raw_len, payload: data.to_vec() },
+        }
+    }
+
+    /// The stored form: header followed by payload.
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + self.payload.len());
+        out.push(self.codec as u8);
+        out.extend_from_slice(&self.raw_len.to_le_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Parses a stored frame (without verifying content; see [`EncodedChunk::decode`]).
+    pub fn from_frame(frame: &[u8]) -> Result<Self, FrameError> {
+        if frame.len() < FRAME_HEADER_LEN {
+            return Err(FrameError::Malformed("shorter than its header"));
+        }
+        let codec = Codec::from_byte(frame[0]).ok_or(FrameError::Malformed("unknown codec"))?;
+        let raw_len = u32::from_le_bytes(frame[1..5].try_into().expect("4 bytes"));
+        Self::from_parts(codec as u8, raw_len, frame[FRAME_HEADER_LEN..].to_vec())
+    }
+
+    /// Builds a chunk from its header fields, checking their ranges.
+    pub fn from_parts(codec: u8, raw_len: u32, payload: Vec<u8>) -> Result<Self, FrameError> {
+        let codec = Codec::from_byte(codec).ok_or(FrameError::Malformed("unknown codec"))?;
+        if raw_len == 0 || raw_len > MAX_CHUNK_LEN {
+            return Err(FrameError::Malformed("uncompressed length out of range"));
+        }
+        if payload.is_empty() || payload.len() > MAX_PAYLOAD_LEN as usize {
+            return Err(FrameError::Malformed("payload length out of range"));
+        }
+        if codec == Codec::Raw && payload.len() != raw_len as usize {
+            return Err(FrameError::Malformed("raw payload length differs from chunk length"));
+        }
+        Ok(Self { codec, raw_len, payload })
+    }
+
+    /// Decodes the chunk and checks that it is the chunk `expected`. Every reader of bytes
+    /// from storage, a peer or the network goes through here.
+    pub fn decode(&self, expected: &ChunkId) -> Result<Vec<u8>, FrameError> {
+        let data = match self.codec {
+            Codec::Raw => self.payload.clone(),
+            Codec::Zstd => {
+                // Cap the output at the declared length: a lying frame cannot make us allocate more.
+                zstd::bulk::decompress(&self.payload, self.raw_len as usize)
+                    .map_err(FrameError::Decompress)?
+            }
+        };
+        if data.len() != self.raw_len as usize {
+            return Err(FrameError::LengthMismatch { declared: self.raw_len, actual: data.len() });
+        }
+        let actual = ChunkId::of(&data);
+        if &actual != expected {
+            return Err(FrameError::IdMismatch { expected: *expected, actual });
+        }
+        Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_and_incompressible_round_trip() {
+        let text = b"thaw thaw thaw thaw thaw thaw thaw thaw".repeat(100);
+        let z = EncodedChunk::compress(&text, 1);
+        assert_eq!(z.codec, Codec::Zstd);
+        let back = EncodedChunk::from_frame(&z.to_frame()).unwrap();
+        assert_eq!(back.decode(&ChunkId::of(&text)).unwrap(), text);
+
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let r = EncodedChunk::compress(&noise, 1);
+        let back = EncodedChunk::from_frame(&r.to_frame()).unwrap();
+        assert_eq!(back.decode(&ChunkId::of(&noise)).unwrap(), noise);
+    }
+
+    #[test]
+    fn lies_are_caught() {
+        let data = b"hello world hello world hello world".repeat(10);
+        let frame = EncodedChunk::compress(&data, 1).to_frame();
+        let other = ChunkId::of(b"other");
+        assert!(matches!(
+            EncodedChunk::from_frame(&frame).unwrap().decode(&other),
+            Err(FrameError::IdMismatch { .. })
+        ));
+        let mut lying_len = frame.clone();
+        lying_len[1] = lying_len[1].wrapping_add(1);
+        assert!(EncodedChunk::from_frame(&lying_len).unwrap().decode(&ChunkId::of(&data)).is_err());
+        assert!(EncodedChunk::from_frame(&frame[..3]).is_err());
+        let mut bad_codec = frame;
+        bad_codec[0] = 9;
+        assert!(EncodedChunk::from_frame(&bad_codec).is_err());
+    }
+}
