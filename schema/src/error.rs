@@ -34,6 +34,10 @@ pub enum ErrorCode {
     Unsupported,
     /// Too many requests.
     TooManyRequests,
+    /// An unexpected server-side failure (distribution's `UNKNOWN`).
+    Unknown,
+    /// The storage backend is unreachable or failing; retry later (distribution's `UNAVAILABLE`).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -54,6 +58,8 @@ impl ErrorCode {
             Self::Denied => "DENIED",
             Self::Unsupported => "UNSUPPORTED",
             Self::TooManyRequests => "TOOMANYREQUESTS",
+            Self::Unknown => "UNKNOWN",
+            Self::Unavailable => "UNAVAILABLE",
         }
     }
 
@@ -72,6 +78,8 @@ impl ErrorCode {
             Self::Denied => 403,
             Self::Unsupported => 405,
             Self::TooManyRequests => 429,
+            Self::Unknown => 500,
+            Self::Unavailable => 503,
         }
     }
 
@@ -92,6 +100,8 @@ impl ErrorCode {
             Self::Denied => "requested access to the resource is denied",
             Self::Unsupported => "the operation is unsupported",
             Self::TooManyRequests => "too many requests",
+            Self::Unknown => "unknown error",
+            Self::Unavailable => "service unavailable",
         }
     }
 
@@ -101,7 +111,7 @@ impl ErrorCode {
     }
 }
 
-const ALL_CODES: [ErrorCode; 14] = [
+const ALL_CODES: [ErrorCode; 16] = [
     ErrorCode::BlobUnknown,
     ErrorCode::BlobUploadInvalid,
     ErrorCode::BlobUploadUnknown,
@@ -116,6 +126,8 @@ const ALL_CODES: [ErrorCode; 14] = [
     ErrorCode::Denied,
     ErrorCode::Unsupported,
     ErrorCode::TooManyRequests,
+    ErrorCode::Unknown,
+    ErrorCode::Unavailable,
 ];
 
 /// One entry of an error body.
@@ -152,7 +164,7 @@ mod tests {
     fn table_is_consistent() {
         for c in ALL_CODES {
             assert_eq!(ErrorCode::parse(c.as_str()), Some(c));
-            assert!((400..500).contains(&c.status()));
+            assert!((400..600).contains(&c.status()));
         }
         let body =
             serde_json::to_string(&ErrorResponse::single(ErrorCode::DigestInvalid, "x", None)).unwrap();

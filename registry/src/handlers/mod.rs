@@ -1,0 +1,196 @@
+//! Request handling: one dispatcher parses the path (see `routes`) and hands the request
+//! to the handler of its route and method.
+
+mod blobs;
+mod manifests;
+mod thaw;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use thaw_schema::chunker::ChunkerParams;
+use thaw_schema::ErrorCode;
+
+use crate::error::{ApiError, ApiResult};
+use crate::routes::{self, Route};
+use crate::storage::Store;
+use crate::uploads::Uploads;
+
+/// Everything a request handler needs.
+pub struct AppState {
+    /// The registry's storage.
+    pub(crate) store: Arc<Store>,
+    /// Open upload sessions.
+    pub(crate) uploads: Uploads,
+    /// Chunker for blobs that arrive through plain OCI uploads.
+    pub(crate) chunker: ChunkerParams,
+    /// zstd level for chunks the registry compresses itself.
+    pub(crate) zstd_level: i32,
+}
+
+/// The registry's router: everything goes through [`dispatch`].
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new().fallback(dispatch).with_state(state)
+}
+
+/// A parsed request, handed to handlers.
+pub(crate) struct Request {
+    pub(crate) method: Method,
+    pub(crate) headers: HeaderMap,
+    pub(crate) query: HashMap<String, String>,
+    pub(crate) body: Body,
+}
+
+async fn dispatch(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let query = parse_query(uri.query().unwrap_or(""));
+    let request = Request { method, headers, query, body };
+    let mut response = match routes::parse(uri.path()) {
+        Ok(route) => handle(&state, route, request).await.unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    };
+    response
+        .headers_mut()
+        .insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    response
+}
+
+async fn handle(state: &Arc<AppState>, route: Route, req: Request) -> ApiResult<Response> {
+    use Method as M;
+    let m = req.method.clone();
+    match (route, m) {
+        (Route::Base, M::GET | M::HEAD) => Ok(StatusCode::OK.into_response()),
+        (Route::Catalog, M::GET) => manifests::catalog(state, req).await,
+        (Route::Discover, M::GET) => Ok(thaw::discover()),
+        (Route::Manifest { name, reference }, M::GET | M::HEAD) => {
+            manifests::get(state, &name, &reference, req.method == M::HEAD).await
+        }
+        (Route::Manifest { name, reference }, M::PUT) => manifests::put(state, &name, &reference, req).await,
+        (Route::Manifest { name, reference }, M::DELETE) => manifests::delete(state, &name, &reference).await,
+        (Route::Blob { name, digest }, M::GET | M::HEAD) => blobs::get(state, &name, &digest, req).await,
+        (Route::Blob { name, digest }, M::DELETE) => blobs::delete(state, &name, &digest).await,
+        (Route::UploadStart { name }, M::POST) => blobs::start_upload(state, &name, req).await,
+        (Route::Upload { name, id }, M::GET) => blobs::upload_status(state, &name, &id).await,
+        (Route::Upload { name, id }, M::PATCH) => blobs::patch_upload(state, &name, &id, req).await,
+        (Route::Upload { name, id }, M::PUT) => blobs::finish_upload(state, &name, &id, req).await,
+        (Route::Upload { name, id }, M::DELETE) => blobs::cancel_upload(state, &name, &id).await,
+        (Route::Tags { name }, M::GET) => manifests::tags(state, &name, req).await,
+        (Route::Referrers { name, digest }, M::GET) => manifests::referrers(state, &name, &digest, req).await,
+        (Route::ThawMissing { name }, M::POST) => thaw::missing(state, &name, req).await,
+        (Route::ThawChunks { name }, M::POST) => thaw::upload_chunks(state, &name, req).await,
+        (Route::ThawFetch { name }, M::POST) => thaw::fetch_chunks(state, &name, req).await,
+        (Route::ThawCommit { name, digest }, M::PUT) => thaw::commit(state, &name, &digest, req).await,
+        (Route::ThawRecipe { name, digest }, M::GET) => thaw::recipe(state, &name, &digest).await,
+        (route, method) => {
+            Err(ApiError::new(ErrorCode::Unsupported, format!("{method} is not supported on {route:?}"))
+                .with_status(StatusCode::METHOD_NOT_ALLOWED))
+        }
+    }
+}
+
+fn parse_query(query: &str) -> HashMap<String, String> {
+    let decode = |s: &str| -> String {
+        let s = s.replace('+', " ");
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())) {
+                (b'%', Some(v)) => {
+                    out.push(v);
+                    i += 3;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+/// Reads a whole request body of at most `limit` bytes (413 `SIZE_INVALID` past it).
+pub(crate) async fn read_body(body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| {
+            ApiError::new(
+                ErrorCode::BlobUploadInvalid,
+                format!("{what}: request body ended early or broke: {e}"),
+            )
+        })?;
+        if buf.len() + piece.len() > limit {
+            return Err(ApiError::too_large(what, limit));
+        }
+        buf.extend_from_slice(&piece);
+    }
+    Ok(buf.freeze())
+}
+
+/// Rejects a body whose declared Content-Length is over `limit` before reading it.
+pub(crate) fn check_declared_length(headers: &HeaderMap, limit: usize, what: &str) -> ApiResult<()> {
+    match content_length(headers) {
+        Some(n) if n > limit as u64 => Err(ApiError::too_large(what, limit)),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get("content-length")?.to_str().ok()?.parse().ok()
+}
+
+pub(crate) fn header(response: &mut Response, name: &'static str, value: impl AsRef<str>) {
+    if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+        response.headers_mut().insert(name, v);
+    }
+}
+
+/// The `n` and `last` pagination parameters of tag and catalog listings.
+/// One page of a listing, and the `(n, last)` of the next page when there is one.
+pub(crate) type Page = (Vec<String>, Option<(usize, String)>);
+
+pub(crate) fn paginate(all: Vec<String>, req: &Request) -> ApiResult<Page> {
+    let n = match req.query.get("n") {
+        None => None,
+        Some(v) => Some(v.parse::<usize>().map_err(|_| {
+            ApiError::new(ErrorCode::Unsupported, format!("n must be a non-negative integer, got {v:?}"))
+                .with_status(StatusCode::BAD_REQUEST)
+        })?),
+    };
+    let last = req.query.get("last");
+    let mut items: Vec<String> = match last {
+        Some(last) => all.into_iter().filter(|t| t.as_str() > last.as_str()).collect(),
+        None => all,
+    };
+    let mut next = None;
+    if let Some(n) = n {
+        if items.len() > n {
+            items.truncate(n);
+            if let Some(last_item) = items.last() {
+                next = Some((n, last_item.clone()));
+            }
+        }
+    }
+    Ok((items, next))
+}

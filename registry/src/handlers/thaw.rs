@@ -1,0 +1,230 @@
+//! The `_thaw` extension: chunk-level dedup on the wire (docs/API.md).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use thaw_schema::batch::{parse_batch, BATCH_MAGIC};
+use thaw_schema::dto::{
+    ChunkUploadResponse, DiscoverResponse, ExtensionInfo, FetchChunksRequest, MissingChunksRequest,
+    MissingChunksResponse, MAX_IDS_PER_QUERY, THAW_EXTENSION,
+};
+use thaw_schema::frame::FrameError;
+use thaw_schema::{media, ChunkId, ErrorCode, Recipe};
+
+use super::{check_declared_length, header, read_body, AppState, Request};
+use crate::error::{ApiError, ApiResult};
+use crate::ingest;
+use crate::routes::parse_digest;
+use crate::storage::{Store, StoreError};
+
+/// Largest chunk batch body accepted.
+pub(crate) const MAX_BATCH_LEN: usize = 64 * 1024 * 1024;
+/// Largest JSON query body (100,000 ids fit with room to spare).
+const MAX_QUERY_LEN: usize = 8 * 1024 * 1024;
+/// Largest recipe body (a recipe of ~100 GiB at 64 KiB chunks).
+const MAX_RECIPE_LEN: usize = 64 * 1024 * 1024;
+/// Concurrent storage lookups or reads per request.
+const STORAGE_CONCURRENCY: usize = 16;
+
+pub(super) fn discover() -> Response {
+    let endpoints = [
+        "_thaw/chunks/missing",
+        "_thaw/chunks",
+        "_thaw/chunks/fetch",
+        "_thaw/blobs/<digest>",
+        "_thaw/blobs/<digest>/recipe",
+    ];
+    axum::Json(DiscoverResponse {
+        extensions: vec![ExtensionInfo {
+            name: THAW_EXTENSION.to_owned(),
+            url: "https://thaw.dev/docs/API.md".to_owned(),
+            description: "chunk-level deduplicated upload and download of blobs".to_owned(),
+            endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+        }],
+    })
+    .into_response()
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request, what: &str) -> ApiResult<T> {
+    check_declared_length(&req.headers, MAX_QUERY_LEN, what)?;
+    let body = read_body(req.body, MAX_QUERY_LEN, what).await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(ErrorCode::Unsupported, format!("{what}: malformed JSON body: {e}"))
+            .with_status(StatusCode::BAD_REQUEST)
+    })
+}
+
+fn check_id_count(n: usize) -> ApiResult<()> {
+    if n > MAX_IDS_PER_QUERY {
+        return Err(ApiError::new(
+            ErrorCode::SizeInvalid,
+            format!("{n} chunk ids in one request; at most {MAX_IDS_PER_QUERY} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// For each id, whether the chunk is stored (looked up concurrently, answered in order).
+async fn which_present(store: &Arc<Store>, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+    let store = store.clone();
+    futures::stream::iter(ids.to_vec())
+        .map(move |id| {
+            let store = store.clone();
+            async move { store.has_chunk(&id).await }
+        })
+        .buffered(STORAGE_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+pub(super) async fn missing(state: &Arc<AppState>, _name: &str, req: Request) -> ApiResult<Response> {
+    let query: MissingChunksRequest = read_json(req, "missing-chunks query").await?;
+    check_id_count(query.chunks.len())?;
+    let present = which_present(&state.store, &query.chunks).await?;
+    let missing = query.chunks.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| *id).collect();
+    Ok(axum::Json(MissingChunksResponse { missing }).into_response())
+}
+
+pub(super) async fn upload_chunks(state: &Arc<AppState>, name: &str, req: Request) -> ApiResult<Response> {
+    check_declared_length(&req.headers, MAX_BATCH_LEN, "chunk batch")?;
+    let body = read_body(req.body, MAX_BATCH_LEN, "chunk batch").await?;
+    // Parse and verify every chunk before storing any, so a bad batch stores nothing.
+    let chunks = tokio::task::spawn_blocking(move || {
+        let chunks = parse_batch(&body)?;
+        for (id, chunk) in &chunks {
+            chunk.decode(id)?;
+        }
+        Ok::<_, FrameError>(chunks)
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorCode::Unknown, e.to_string()))?
+    .map_err(|e| match e {
+        FrameError::IdMismatch { .. } | FrameError::LengthMismatch { .. } => {
+            ApiError::new(ErrorCode::DigestInvalid, format!("chunk batch rejected: {e}"))
+        }
+        other => ApiError::new(ErrorCode::BlobUploadInvalid, format!("chunk batch rejected: {other}")),
+    })?;
+    let total = chunks.len();
+    let store = state.store.clone();
+    let fresh: Vec<bool> = futures::stream::iter(chunks)
+        .map(move |(id, chunk)| {
+            let store = store.clone();
+            async move { store.put_chunk(&id, &chunk).await }
+        })
+        .buffer_unordered(STORAGE_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let stored = fresh.iter().filter(|f| **f).count();
+    tracing::debug!(repository = %name, stored, total, "chunk batch stored");
+    Ok(axum::Json(ChunkUploadResponse { stored, present: total - stored }).into_response())
+}
+
+pub(super) async fn fetch_chunks(state: &Arc<AppState>, name: &str, req: Request) -> ApiResult<Response> {
+    let query: FetchChunksRequest = read_json(req, "chunk fetch").await?;
+    check_id_count(query.chunks.len())?;
+    let blob = query.blob;
+    if state.store.blob_size(name, &blob).await?.is_none() {
+        return Err(ApiError::new(
+            ErrorCode::BlobUnknown,
+            format!("blob {blob} is not in repository {name}"),
+        ));
+    }
+    let recipe = state.store.get_recipe(&blob).await?.ok_or_else(|| {
+        ApiError::new(ErrorCode::Unknown, format!("blob {blob} is linked in {name} but has no recipe"))
+    })?;
+    let allowed: HashSet<ChunkId> = recipe.entries.iter().filter_map(|e| e.chunk_id().copied()).collect();
+    if let Some(stranger) = query.chunks.iter().find(|id| !allowed.contains(id)) {
+        return Err(ApiError::new(ErrorCode::Denied, format!("chunk {stranger} is not part of blob {blob}")));
+    }
+    // Frames go out as stored; the receiver verifies each against its id.
+    let store = state.store.clone();
+    let entries = futures::stream::iter(query.chunks)
+        .map(move |id| {
+            let store = store.clone();
+            async move {
+                let chunk = store.get_chunk(&id).await?.ok_or_else(|| StoreError::Corrupt {
+                    key: id.to_string(),
+                    why: "chunk of a committed blob is missing".into(),
+                })?;
+                let mut entry = Vec::with_capacity(41 + chunk.payload.len());
+                entry.extend_from_slice(id.as_bytes());
+                entry.push(chunk.codec as u8);
+                entry.extend_from_slice(&chunk.raw_len.to_le_bytes());
+                entry.extend_from_slice(&(chunk.payload.len() as u32).to_le_bytes());
+                entry.extend_from_slice(&chunk.payload);
+                Ok::<_, StoreError>(Bytes::from(entry))
+            }
+        })
+        .buffered(STORAGE_CONCURRENCY)
+        .inspect_err(|e| tracing::error!(error = %e, "aborting chunk fetch response"));
+    let body = futures::stream::once(async { Ok(Bytes::from_static(BATCH_MAGIC)) }).chain(entries);
+    let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();
+    header(&mut response, "content-type", media::CHUNK_BATCH);
+    Ok(response)
+}
+
+pub(super) async fn commit(
+    state: &Arc<AppState>,
+    name: &str,
+    digest: &str,
+    req: Request,
+) -> ApiResult<Response> {
+    let digest = parse_digest(digest)?;
+    check_declared_length(&req.headers, MAX_RECIPE_LEN, "recipe")?;
+    let body = read_body(req.body, MAX_RECIPE_LEN, "recipe").await?;
+    let recipe = Recipe::decode(&body)
+        .map_err(|e| ApiError::new(ErrorCode::BlobUploadInvalid, format!("recipe rejected: {e}")))?;
+    if recipe.digest != digest {
+        return Err(ApiError::digest_invalid(format!("recipe is for {}, not {digest}", recipe.digest)));
+    }
+    if !state.store.has_recipe(&digest).await? {
+        let ids = recipe.distinct_chunks();
+        let present = which_present(&state.store, &ids).await?;
+        let missing: Vec<String> =
+            ids.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| id.to_string()).collect();
+        if !missing.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::BlobUnknown,
+                format!("{} chunks of the recipe are not stored; upload them first", missing.len()),
+            )
+            .with_detail(json!({ "missing": missing.iter().take(100).collect::<Vec<_>>() })));
+        }
+        let recipe = Arc::new(recipe);
+        let actual = ingest::digest_of_recipe(state.store.clone(), recipe.clone()).await?;
+        if actual != digest {
+            return Err(ApiError::digest_invalid(format!(
+                "the recipe's chunks reassemble to {actual}, not {digest}"
+            )));
+        }
+        state.store.put_recipe(&recipe).await?;
+        state.store.link_blob(name, &digest, recipe.size).await?;
+    } else {
+        let size = state.store.get_recipe(&digest).await?.map_or(recipe.size, |r| r.size);
+        state.store.link_blob(name, &digest, size).await?;
+    }
+    tracing::info!(repository = %name, %digest, "blob committed from recipe");
+    let mut response = StatusCode::CREATED.into_response();
+    header(&mut response, "location", format!("/v2/{name}/blobs/{digest}"));
+    header(&mut response, "docker-content-digest", digest.to_string());
+    header(&mut response, "content-length", "0");
+    Ok(response)
+}
+
+pub(super) async fn recipe(state: &Arc<AppState>, name: &str, digest: &str) -> ApiResult<Response> {
+    let digest = parse_digest(digest)?;
+    let unknown =
+        || ApiError::new(ErrorCode::BlobUnknown, format!("blob {digest} is not in repository {name}"));
+    state.store.blob_size(name, &digest).await?.ok_or_else(unknown)?;
+    let bytes = state.store.get_recipe_bytes(&digest).await?.ok_or_else(unknown)?;
+    let mut response = (StatusCode::OK, bytes).into_response();
+    header(&mut response, "content-type", media::RECIPE);
+    header(&mut response, "docker-content-digest", digest.to_string());
+    Ok(response)
+}

@@ -1,0 +1,237 @@
+//! Parsing request paths into routes. Repository names contain slashes, so paths are
+//! matched from their end, and the name is validated before anything touches storage.
+
+use thaw_schema::names::is_valid_repository_name;
+use thaw_schema::{ErrorCode, Sha256Digest};
+
+use crate::error::ApiError;
+
+/// What a request path addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/v2/`
+    Base,
+    /// `/v2/_catalog`
+    Catalog,
+    /// `/v2/_oci/ext/discover`
+    Discover,
+    /// `/v2/<name>/manifests/<reference>`
+    Manifest {
+        /// Repository.
+        name: String,
+        /// Tag or digest, as given.
+        reference: String,
+    },
+    /// `/v2/<name>/blobs/<digest>`
+    Blob {
+        /// Repository.
+        name: String,
+        /// Digest, as given.
+        digest: String,
+    },
+    /// `/v2/<name>/blobs/uploads/`
+    UploadStart {
+        /// Repository.
+        name: String,
+    },
+    /// `/v2/<name>/blobs/uploads/<id>`
+    Upload {
+        /// Repository.
+        name: String,
+        /// Session id.
+        id: String,
+    },
+    /// `/v2/<name>/tags/list`
+    Tags {
+        /// Repository.
+        name: String,
+    },
+    /// `/v2/<name>/referrers/<digest>`
+    Referrers {
+        /// Repository.
+        name: String,
+        /// Subject digest, as given.
+        digest: String,
+    },
+    /// `/v2/<name>/_thaw/chunks/missing`
+    ThawMissing {
+        /// Repository.
+        name: String,
+    },
+    /// `/v2/<name>/_thaw/chunks`
+    ThawChunks {
+        /// Repository.
+        name: String,
+    },
+    /// `/v2/<name>/_thaw/chunks/fetch`
+    ThawFetch {
+        /// Repository.
+        name: String,
+    },
+    /// `/v2/<name>/_thaw/blobs/<digest>`
+    ThawCommit {
+        /// Repository.
+        name: String,
+        /// Digest, as given.
+        digest: String,
+    },
+    /// `/v2/<name>/_thaw/blobs/<digest>/recipe`
+    ThawRecipe {
+        /// Repository.
+        name: String,
+        /// Digest, as given.
+        digest: String,
+    },
+}
+
+fn percent_decode(segment: &str) -> Option<String> {
+    let b = segment.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let s = String::from_utf8(out).ok()?;
+    (!s.contains('/')).then_some(s)
+}
+
+fn not_found(path: &str) -> ApiError {
+    ApiError::new(ErrorCode::NameUnknown, format!("no such endpoint: {path}"))
+        .with_status(axum::http::StatusCode::NOT_FOUND)
+}
+
+/// Parses a request path. Unknown shapes are 404; a malformed repository name is 400
+/// `NAME_INVALID`.
+pub fn parse(path: &str) -> Result<Route, ApiError> {
+    let Some(rest) = path.strip_prefix("/v2") else { return Err(not_found(path)) };
+    if rest.is_empty() || rest == "/" {
+        return Ok(Route::Base);
+    }
+    let rest = rest.strip_prefix('/').ok_or_else(|| not_found(path))?;
+    match rest {
+        "_catalog" => return Ok(Route::Catalog),
+        "_oci/ext/discover" => return Ok(Route::Discover),
+        _ => {}
+    }
+    let mut segs: Vec<String> =
+        rest.split('/').map(percent_decode).collect::<Option<_>>().ok_or_else(|| not_found(path))?;
+    // `/v2/<name>/blobs/uploads/` keeps its trailing slash; no other route has one.
+    let trailing_slash = segs.last().is_some_and(String::is_empty);
+    if trailing_slash {
+        segs.pop();
+    }
+    let n = segs.len();
+    let tail = |k: usize| -> Vec<&str> { segs[n.saturating_sub(k)..].iter().map(String::as_str).collect() };
+    let name_before = |k: usize| -> Result<String, ApiError> {
+        if n <= k {
+            return Err(not_found(path));
+        }
+        let name = segs[..n - k].join("/");
+        if !is_valid_repository_name(&name) {
+            return Err(ApiError::new(ErrorCode::NameInvalid, format!("invalid repository name {name:?}"))
+                .with_detail(serde_json::json!({ "name": name })));
+        }
+        Ok(name)
+    };
+    let route = if n >= 3 && tail(2) == ["blobs", "uploads"] {
+        Route::UploadStart { name: name_before(2)? }
+    } else if trailing_slash {
+        return Err(not_found(path));
+    } else if n >= 4 && tail(3)[..2] == ["blobs", "uploads"] {
+        Route::Upload { name: name_before(3)?, id: segs[n - 1].clone() }
+    } else if n >= 3 && tail(2) == ["tags", "list"] {
+        Route::Tags { name: name_before(2)? }
+    } else if n >= 4 && tail(3) == ["_thaw", "chunks", "missing"] {
+        Route::ThawMissing { name: name_before(3)? }
+    } else if n >= 4 && tail(3) == ["_thaw", "chunks", "fetch"] {
+        Route::ThawFetch { name: name_before(3)? }
+    } else if n >= 3 && tail(2) == ["_thaw", "chunks"] {
+        Route::ThawChunks { name: name_before(2)? }
+    } else if n >= 5 && tail(4)[0] == "_thaw" && tail(4)[1] == "blobs" && tail(4)[3] == "recipe" {
+        Route::ThawRecipe { name: name_before(4)?, digest: segs[n - 2].clone() }
+    } else if n >= 4 && tail(3)[..2] == ["_thaw", "blobs"] {
+        Route::ThawCommit { name: name_before(3)?, digest: segs[n - 1].clone() }
+    } else if n >= 3 && segs[n - 2] == "blobs" {
+        Route::Blob { name: name_before(2)?, digest: segs[n - 1].clone() }
+    } else if n >= 3 && segs[n - 2] == "manifests" {
+        Route::Manifest { name: name_before(2)?, reference: segs[n - 1].clone() }
+    } else if n >= 3 && segs[n - 2] == "referrers" {
+        Route::Referrers { name: name_before(2)?, digest: segs[n - 1].clone() }
+    } else {
+        return Err(not_found(path));
+    };
+    Ok(route)
+}
+
+/// Parses a digest from a path or query, as 400 `DIGEST_INVALID` on failure.
+pub fn parse_digest(s: &str) -> Result<Sha256Digest, ApiError> {
+    s.parse().map_err(|e| ApiError::digest_invalid(format!("{e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name_of(r: Route) -> String {
+        match r {
+            Route::Manifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::UploadStart { name }
+            | Route::Upload { name, .. }
+            | Route::Tags { name }
+            | Route::Referrers { name, .. }
+            | Route::ThawMissing { name }
+            | Route::ThawChunks { name }
+            | Route::ThawFetch { name }
+            | Route::ThawCommit { name, .. }
+            | Route::ThawRecipe { name, .. } => name,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn routes_parse_from_the_end() {
+        assert_eq!(parse("/v2/").unwrap(), Route::Base);
+        assert_eq!(parse("/v2").unwrap(), Route::Base);
+        assert_eq!(parse("/v2/_catalog").unwrap(), Route::Catalog);
+        assert_eq!(
+            parse("/v2/a/b/manifests/latest").unwrap(),
+            Route::Manifest { name: "a/b".into(), reference: "latest".into() }
+        );
+        assert_eq!(parse("/v2/a/blobs/uploads/").unwrap(), Route::UploadStart { name: "a".into() });
+        assert_eq!(parse("/v2/a/blobs/uploads").unwrap(), Route::UploadStart { name: "a".into() });
+        assert_eq!(
+            parse("/v2/a/blobs/uploads/xyz").unwrap(),
+            Route::Upload { name: "a".into(), id: "xyz".into() }
+        );
+        assert_eq!(name_of(parse("/v2/blobs/blobs/sha256%3Aab").unwrap()), "blobs");
+        assert_eq!(
+            parse("/v2/x/_thaw/blobs/sha256:ab/recipe").unwrap(),
+            Route::ThawRecipe { name: "x".into(), digest: "sha256:ab".into() }
+        );
+        assert_eq!(name_of(parse("/v2/a/b/c/tags/list").unwrap()), "a/b/c");
+        assert_eq!(name_of(parse("/v2/x/_thaw/chunks").unwrap()), "x");
+    }
+
+    #[test]
+    fn path_tricks_are_refused() {
+        for bad in
+            ["/v2/../x/manifests/a", "/v2/A/manifests/a", "/v2/a/%2e%2e/manifests/x", "/v2/a%2Fb/tags/list"]
+        {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let e = parse("/v2/Upper/tags/list").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::NameInvalid);
+        let long = format!("/v2/{}/tags/list", "a".repeat(256));
+        assert_eq!(parse(&long).unwrap_err().code(), ErrorCode::NameInvalid);
+        assert!(parse("/v3/x").is_err());
+        assert!(parse("/v2/x/manifests/").is_err());
+    }
+}

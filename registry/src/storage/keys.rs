@@ -1,0 +1,75 @@
+//! Every storage key the registry uses, spelled in this one place.
+//!
+//! ```text
+//! chunks/<2 hex>/<64 hex>                                  one chunk frame (docs/FORMAT.md), global
+//! recipes/sha256/<64 hex>                                  one recipe per blob digest, global
+//! manifests/sha256/<64 hex>                                manifest bytes, global
+//! repositories/<name>/_layers/sha256/<64 hex>              blob link: the blob is readable in <name>; holds its size
+//! repositories/<name>/_manifests/revisions/sha256/<64 hex> manifest link; holds its media type
+//! repositories/<name>/_manifests/tags/<tag>                tag; holds the manifest digest
+//! repositories/<name>/_referrers/sha256/<subject hex>/sha256/<64 hex>
+//!                                                          referrer descriptor (JSON)
+//! ```
+//!
+//! Content (chunks, recipes, manifests) is global and content-addressed, so it is stored
+//! once; visibility is per repository, through links. A link is written only after all the
+//! content it points to, which is what makes an interrupted write invisible. Repository
+//! names are validated before they reach here, and their grammar forbids `..`, empty
+//! components and leading `_`, so they cannot escape their subtree or collide with `_layers`.
+
+use object_store::path::Path;
+use thaw_schema::{ChunkId, Sha256Digest};
+
+pub(crate) const CHUNKS: &str = "chunks";
+pub(crate) const REPOSITORIES: &str = "repositories";
+
+pub(crate) fn chunk(id: &ChunkId) -> Path {
+    let hex = id.hex();
+    Path::from(format!("{CHUNKS}/{}/{hex}", &hex[..2]))
+}
+
+pub(crate) fn recipe(digest: &Sha256Digest) -> Path {
+    Path::from(format!("recipes/sha256/{}", digest.hex()))
+}
+
+pub(crate) fn manifest(digest: &Sha256Digest) -> Path {
+    Path::from(format!("manifests/sha256/{}", digest.hex()))
+}
+
+pub(crate) fn blob_link(repo: &str, digest: &Sha256Digest) -> Path {
+    Path::from(format!("{REPOSITORIES}/{repo}/_layers/sha256/{}", digest.hex()))
+}
+
+pub(crate) fn manifest_link(repo: &str, digest: &Sha256Digest) -> Path {
+    Path::from(format!("{REPOSITORIES}/{repo}/_manifests/revisions/sha256/{}", digest.hex()))
+}
+
+pub(crate) fn tags_dir(repo: &str) -> Path {
+    Path::from(format!("{REPOSITORIES}/{repo}/_manifests/tags"))
+}
+
+pub(crate) fn tag(repo: &str, tag: &str) -> Path {
+    Path::from(format!("{REPOSITORIES}/{repo}/_manifests/tags/{tag}"))
+}
+
+pub(crate) fn referrers_dir(repo: &str, subject: &Sha256Digest) -> Path {
+    Path::from(format!("{REPOSITORIES}/{repo}/_referrers/sha256/{}", subject.hex()))
+}
+
+pub(crate) fn referrer(repo: &str, subject: &Sha256Digest, manifest: &Sha256Digest) -> Path {
+    Path::from(format!("{REPOSITORIES}/{repo}/_referrers/sha256/{}/sha256/{}", subject.hex(), manifest.hex()))
+}
+
+pub(crate) fn repository_root(repo: &str) -> Path {
+    Path::from(format!("{REPOSITORIES}/{repo}"))
+}
+
+/// The repository name a key under `repositories/` belongs to.
+pub(crate) fn repository_of(key: &Path) -> Option<String> {
+    let s = key.as_ref().strip_prefix("repositories/")?;
+    ["/_layers/", "/_manifests/", "/_referrers/"]
+        .iter()
+        .filter_map(|m| s.find(m))
+        .min()
+        .map(|at| s[..at].to_owned())
+}

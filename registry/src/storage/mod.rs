@@ -1,0 +1,325 @@
+//! The registry's storage: content-addressed chunks, recipes and manifests, plus
+//! per-repository links, on any `object_store` backend (filesystem by default).
+
+pub(crate) mod keys;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use thaw_schema::frame::EncodedChunk;
+use thaw_schema::{ChunkId, Recipe, Sha256Digest};
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend failed or is unreachable.
+    #[error("storage backend error: {0}")]
+    Backend(#[source] object_store::Error),
+    /// Stored bytes are not what they should be.
+    #[error("corrupt stored object {key}: {why}")]
+    Corrupt {
+        /// The object's key.
+        key: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+impl From<object_store::Error> for StoreError {
+    fn from(e: object_store::Error) -> Self {
+        Self::Backend(e)
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Typed access to the registry's objects.
+pub struct Store {
+    objects: Arc<dyn ObjectStore>,
+    /// Chunks known to be stored. Only ever filled from a successful write or read, so it
+    /// never claims a chunk that does not exist (until GC exists, which must clear it).
+    known_chunks: Mutex<HashSet<ChunkId>>,
+}
+
+fn corrupt(key: &Path, why: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { key: key.to_string(), why: why.to_string() }
+}
+
+impl Store {
+    /// Wraps an object store.
+    pub fn new(objects: Arc<dyn ObjectStore>) -> Self {
+        Self { objects, known_chunks: Mutex::new(HashSet::new()) }
+    }
+
+    async fn get_opt(&self, key: &Path) -> Result<Option<Bytes>> {
+        match self.objects.get(key).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn exists(&self, key: &Path) -> Result<bool> {
+        match self.objects.head(key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn put(&self, key: &Path, bytes: impl Into<Bytes>) -> Result<()> {
+        self.objects.put(key, PutPayload::from(bytes.into())).await?;
+        Ok(())
+    }
+
+    /// Writes content-addressed bytes unless present. Repeating the write is harmless, so
+    /// backends that ignore `If-None-Match` stay correct. Returns true when newly written.
+    async fn put_content(&self, key: &Path, bytes: impl Into<Bytes>) -> Result<bool> {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.objects.put_opts(key, PutPayload::from(bytes.into()), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented) => Err(corrupt(key, "backend lacks put-if-absent")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete(&self, key: &Path) -> Result<bool> {
+        match self.objects.delete(key).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list_keys(&self, prefix: &Path) -> Result<Vec<Path>> {
+        Ok(self.objects.list(Some(prefix)).map_ok(|m| m.location).try_collect().await?)
+    }
+
+    // ---- chunks ----
+
+    /// True when the chunk was seen stored by this process (no I/O; may say false for a
+    /// stored chunk, never true for a missing one).
+    pub fn is_known_chunk(&self, id: &ChunkId) -> bool {
+        self.known_chunks.lock().expect("lock").contains(id)
+    }
+
+    /// True when the chunk is stored.
+    pub async fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        if self.known_chunks.lock().expect("lock").contains(id) {
+            return Ok(true);
+        }
+        let found = self.exists(&keys::chunk(id)).await?;
+        if found {
+            self.known_chunks.lock().expect("lock").insert(*id);
+        }
+        Ok(found)
+    }
+
+    /// Stores a verified chunk. Returns true when it was not stored before.
+    pub async fn put_chunk(&self, id: &ChunkId, chunk: &EncodedChunk) -> Result<bool> {
+        if self.known_chunks.lock().expect("lock").contains(id) {
+            return Ok(false);
+        }
+        let fresh = self.put_content(&keys::chunk(id), chunk.to_frame()).await?;
+        self.known_chunks.lock().expect("lock").insert(*id);
+        Ok(fresh)
+    }
+
+    /// Reads a chunk's stored frame, unverified: `None` when absent.
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Option<EncodedChunk>> {
+        let key = keys::chunk(id);
+        match self.get_opt(&key).await? {
+            None => Ok(None),
+            Some(frame) => EncodedChunk::from_frame(&frame).map(Some).map_err(|e| corrupt(&key, e)),
+        }
+    }
+
+    /// Reads a chunk and verifies its content against its id.
+    pub async fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let key = keys::chunk(id);
+        let chunk = self.get_chunk(id).await?.ok_or_else(|| corrupt(&key, "referenced chunk is missing"))?;
+        let id = *id;
+        tokio::task::spawn_blocking(move || chunk.decode(&id))
+            .await
+            .map_err(|e| corrupt(&key, e))?
+            .map_err(|e| corrupt(&key, e))
+    }
+
+    // ---- recipes ----
+
+    /// Stores a blob's recipe (content-addressed by the blob digest; a present one is kept).
+    pub async fn put_recipe(&self, recipe: &Recipe) -> Result<()> {
+        self.put_content(&keys::recipe(&recipe.digest), recipe.encode()).await?;
+        Ok(())
+    }
+
+    /// The raw recipe bytes of a blob.
+    pub async fn get_recipe_bytes(&self, digest: &Sha256Digest) -> Result<Option<Bytes>> {
+        self.get_opt(&keys::recipe(digest)).await
+    }
+
+    /// A blob's decoded recipe.
+    pub async fn get_recipe(&self, digest: &Sha256Digest) -> Result<Option<Recipe>> {
+        let key = keys::recipe(digest);
+        let Some(bytes) = self.get_opt(&key).await? else { return Ok(None) };
+        let recipe = Recipe::decode(&bytes).map_err(|e| corrupt(&key, e))?;
+        if recipe.digest != *digest {
+            return Err(corrupt(&key, "recipe describes another blob"));
+        }
+        Ok(Some(recipe))
+    }
+
+    /// True when a recipe for the digest is stored.
+    pub async fn has_recipe(&self, digest: &Sha256Digest) -> Result<bool> {
+        self.exists(&keys::recipe(digest)).await
+    }
+
+    // ---- blob links ----
+
+    /// Makes a blob readable in `repo`.
+    pub async fn link_blob(&self, repo: &str, digest: &Sha256Digest, size: u64) -> Result<()> {
+        self.put(&keys::blob_link(repo, digest), size.to_string()).await
+    }
+
+    /// The size of a blob readable in `repo`, or `None`.
+    pub async fn blob_size(&self, repo: &str, digest: &Sha256Digest) -> Result<Option<u64>> {
+        let key = keys::blob_link(repo, digest);
+        match self.get_opt(&key).await? {
+            None => Ok(None),
+            Some(b) => {
+                let text = std::str::from_utf8(&b).map_err(|e| corrupt(&key, e))?;
+                text.trim().parse().map(Some).map_err(|e| corrupt(&key, e))
+            }
+        }
+    }
+
+    /// Removes a blob from `repo`. Returns false when it was not there.
+    pub async fn unlink_blob(&self, repo: &str, digest: &Sha256Digest) -> Result<bool> {
+        self.delete(&keys::blob_link(repo, digest)).await
+    }
+
+    // ---- manifests ----
+
+    /// Stores manifest bytes (content-addressed).
+    pub async fn put_manifest(&self, digest: &Sha256Digest, body: Bytes) -> Result<()> {
+        self.put_content(&keys::manifest(digest), body).await?;
+        Ok(())
+    }
+
+    /// Manifest bytes by digest, checked against the digest.
+    pub async fn get_manifest(&self, digest: &Sha256Digest) -> Result<Option<Bytes>> {
+        let key = keys::manifest(digest);
+        let Some(body) = self.get_opt(&key).await? else { return Ok(None) };
+        if Sha256Digest::of(&body) != *digest {
+            return Err(corrupt(&key, "content does not match its digest"));
+        }
+        Ok(Some(body))
+    }
+
+    /// Makes a manifest readable in `repo`, remembering its media type.
+    pub async fn link_manifest(&self, repo: &str, digest: &Sha256Digest, media_type: &str) -> Result<()> {
+        self.put(&keys::manifest_link(repo, digest), media_type.to_owned()).await
+    }
+
+    /// The media type of a manifest readable in `repo`, or `None`.
+    pub async fn manifest_media_type(&self, repo: &str, digest: &Sha256Digest) -> Result<Option<String>> {
+        let key = keys::manifest_link(repo, digest);
+        Ok(self.get_opt(&key).await?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Removes a manifest from `repo`.
+    pub async fn unlink_manifest(&self, repo: &str, digest: &Sha256Digest) -> Result<bool> {
+        self.delete(&keys::manifest_link(repo, digest)).await
+    }
+
+    // ---- tags ----
+
+    /// Points `tag` at a manifest.
+    pub async fn set_tag(&self, repo: &str, tag: &str, digest: &Sha256Digest) -> Result<()> {
+        self.put(&keys::tag(repo, tag), digest.to_string()).await
+    }
+
+    /// The manifest a tag points at.
+    pub async fn get_tag(&self, repo: &str, tag: &str) -> Result<Option<Sha256Digest>> {
+        let key = keys::tag(repo, tag);
+        match self.get_opt(&key).await? {
+            None => Ok(None),
+            Some(b) => {
+                let text = std::str::from_utf8(&b).map_err(|e| corrupt(&key, e))?;
+                text.trim().parse().map(Some).map_err(|e| corrupt(&key, e))
+            }
+        }
+    }
+
+    /// Deletes a tag.
+    pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+        self.delete(&keys::tag(repo, tag)).await
+    }
+
+    /// All tags of `repo`, sorted lexically.
+    pub async fn list_tags(&self, repo: &str) -> Result<Vec<String>> {
+        let dir = keys::tags_dir(repo);
+        let mut tags: Vec<String> =
+            self.list_keys(&dir).await?.into_iter().filter_map(|k| k.filename().map(str::to_owned)).collect();
+        tags.sort();
+        Ok(tags)
+    }
+
+    // ---- referrers ----
+
+    /// Records that `manifest` refers to `subject`.
+    pub async fn put_referrer(
+        &self,
+        repo: &str,
+        subject: &Sha256Digest,
+        manifest: &Sha256Digest,
+        descriptor: &serde_json::Value,
+    ) -> Result<()> {
+        let body = serde_json::to_vec(descriptor).expect("JSON value serializes");
+        self.put(&keys::referrer(repo, subject, manifest), body).await
+    }
+
+    /// Descriptors of the manifests that refer to `subject`.
+    pub async fn list_referrers(&self, repo: &str, subject: &Sha256Digest) -> Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        for key in self.list_keys(&keys::referrers_dir(repo, subject)).await? {
+            if let Some(bytes) = self.get_opt(&key).await? {
+                out.push(serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a referrer.
+    pub async fn delete_referrer(
+        &self,
+        repo: &str,
+        subject: &Sha256Digest,
+        manifest: &Sha256Digest,
+    ) -> Result<()> {
+        self.delete(&keys::referrer(repo, subject, manifest)).await.map(drop)
+    }
+
+    // ---- repositories ----
+
+    /// True when anything (blob, manifest, tag) was ever linked into `repo`.
+    pub async fn repository_exists(&self, repo: &str) -> Result<bool> {
+        let mut listing = self.objects.list(Some(&keys::repository_root(repo)));
+        Ok(listing.try_next().await?.is_some())
+    }
+
+    /// Every repository name, sorted.
+    pub async fn list_repositories(&self) -> Result<Vec<String>> {
+        let keys = self.list_keys(&Path::from(keys::REPOSITORIES)).await?;
+        let mut names: Vec<String> = keys.iter().filter_map(keys::repository_of).collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}
