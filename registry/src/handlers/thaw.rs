@@ -194,6 +194,7 @@ pub(super) async fn commit(
                 ErrorCode::BlobUnknown,
                 format!("{} chunks of the recipe are not stored; upload them first", missing.len()),
             )
+            .with_status(StatusCode::BAD_REQUEST)
             .with_detail(json!({ "missing": missing.iter().take(100).collect::<Vec<_>>() })));
         }
         let recipe = Arc::new(recipe);

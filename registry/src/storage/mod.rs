@@ -38,6 +38,10 @@ impl From<object_store::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+/// Bound on the in-memory set of chunks known to be stored (~32 bytes each plus overhead,
+/// so about 200 MB at the cap).
+const MAX_KNOWN_CHUNKS: usize = 4_000_000;
+
 /// Typed access to the registry's objects.
 pub struct Store {
     objects: Arc<dyn ObjectStore>,
@@ -109,6 +113,15 @@ impl Store {
         self.known_chunks.lock().expect("lock").contains(id)
     }
 
+    fn remember_chunk(&self, id: &ChunkId) {
+        let mut known = self.known_chunks.lock().expect("lock");
+        // A plain cap instead of an LRU: forgetting only costs a HEAD request later.
+        if known.len() >= MAX_KNOWN_CHUNKS {
+            known.clear();
+        }
+        known.insert(*id);
+    }
+
     /// True when the chunk is stored.
     pub async fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
         if self.known_chunks.lock().expect("lock").contains(id) {
@@ -116,7 +129,7 @@ impl Store {
         }
         let found = self.exists(&keys::chunk(id)).await?;
         if found {
-            self.known_chunks.lock().expect("lock").insert(*id);
+            self.remember_chunk(id);
         }
         Ok(found)
     }
@@ -127,7 +140,7 @@ impl Store {
             return Ok(false);
         }
         let fresh = self.put_content(&keys::chunk(id), chunk.to_frame()).await?;
-        self.known_chunks.lock().expect("lock").insert(*id);
+        self.remember_chunk(id);
         Ok(fresh)
     }
 
