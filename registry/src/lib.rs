@@ -18,7 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
+use object_store::prefix::PrefixStore;
+use object_store::ObjectStore;
 use thaw_schema::chunker::ChunkerParams;
 
 pub use error::{ApiError, ApiResult};
@@ -33,7 +36,7 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 pub struct RegistryConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// A directory path (filesystem storage). `s3://` URLs are reserved for the S3 backend.
+    /// A directory path (filesystem storage) or `s3://BUCKET[/PREFIX]`.
     pub storage: String,
 }
 
@@ -44,20 +47,51 @@ impl RegistryConfig {
     }
 }
 
-/// Opens the storage named in `config` and builds the shared state.
-pub fn open_state(config: &RegistryConfig) -> anyhow::Result<Arc<AppState>> {
-    if config.storage.starts_with("s3://") {
-        bail!("S3 storage ({}) is not implemented yet; use a filesystem path", config.storage);
+/// Opens the object store named by `storage` and picks the upload spool directory.
+///
+/// `s3://BUCKET[/PREFIX]` takes endpoint, region, credentials and addressing style from the
+/// usual `AWS_*` variables (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`); anything
+/// else is a directory. Spool files are local to the process in both cases: under the
+/// storage directory, or for S3 under `THAW_UPLOAD_DIR` (default: a per-port directory in
+/// the system temp dir, so replicas on one host never share one).
+fn open_objects(config: &RegistryConfig) -> anyhow::Result<(Arc<dyn ObjectStore>, PathBuf)> {
+    let upload_dir_override = std::env::var_os("THAW_UPLOAD_DIR").map(PathBuf::from);
+    if let Some(rest) = config.storage.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            bail!("storage URL {:?} names no bucket: use s3://BUCKET/PREFIX", config.storage);
+        }
+        let s3 = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .with_context(|| format!("configuring S3 storage {} from AWS_* variables", config.storage))?;
+        let objects: Arc<dyn ObjectStore> = match prefix.trim_matches('/') {
+            "" => Arc::new(s3),
+            p => Arc::new(PrefixStore::new(s3, p)),
+        };
+        let id = match config.listen.port() {
+            0 => format!("pid-{}", std::process::id()),
+            port => format!("port-{port}"),
+        };
+        let spool =
+            upload_dir_override.unwrap_or_else(|| std::env::temp_dir().join("thaw-registry-uploads").join(id));
+        return Ok((objects, spool));
     }
     let root = PathBuf::from(&config.storage);
-    std::fs::create_dir_all(&root)
-        .with_context(|| format!("creating storage directory {}", root.display()))?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating storage directory {}", root.display()))?;
     let objects = LocalFileSystem::new_with_prefix(&root)
         .with_context(|| format!("opening storage directory {}", root.display()))?;
-    let uploads = uploads::Uploads::open(&root.join("_uploads"))
-        .with_context(|| format!("preparing upload spool under {}", root.display()))?;
+    Ok((Arc::new(objects), upload_dir_override.unwrap_or_else(|| root.join("_uploads"))))
+}
+
+/// Opens the storage named in `config` and builds the shared state.
+pub fn open_state(config: &RegistryConfig) -> anyhow::Result<Arc<AppState>> {
+    let (objects, spool) = open_objects(config)?;
+    let uploads = uploads::Uploads::open(&spool)
+        .with_context(|| format!("preparing upload spool directory {}", spool.display()))?;
     Ok(Arc::new(AppState {
-        store: Arc::new(Store::new(Arc::new(objects))),
+        store: Arc::new(Store::new(objects)),
         uploads,
         chunker: ChunkerParams::REGISTRY_DEFAULT,
         zstd_level: DEFAULT_ZSTD_LEVEL,

@@ -12,7 +12,7 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "THAW_LISTEN", default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
-    /// Storage: a directory path.
+    /// Storage: a directory path, or s3://BUCKET/PREFIX (configured by the AWS_* variables).
     #[arg(long, env = "THAW_STORAGE", default_value = "./thaw-data")]
     storage: String,
 }
