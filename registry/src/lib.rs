@@ -74,12 +74,13 @@ fn open_objects(config: &RegistryConfig) -> anyhow::Result<(Arc<dyn ObjectStore>
             0 => format!("pid-{}", std::process::id()),
             port => format!("port-{port}"),
         };
-        let spool =
-            upload_dir_override.unwrap_or_else(|| std::env::temp_dir().join("thaw-registry-uploads").join(id));
+        let spool = upload_dir_override
+            .unwrap_or_else(|| std::env::temp_dir().join("thaw-registry-uploads").join(id));
         return Ok((objects, spool));
     }
     let root = PathBuf::from(&config.storage);
-    std::fs::create_dir_all(&root).with_context(|| format!("creating storage directory {}", root.display()))?;
+    std::fs::create_dir_all(&root)
+        .with_context(|| format!("creating storage directory {}", root.display()))?;
     let objects = LocalFileSystem::new_with_prefix(&root)
         .with_context(|| format!("opening storage directory {}", root.display()))?;
     Ok((Arc::new(objects), upload_dir_override.unwrap_or_else(|| root.join("_uploads"))))
