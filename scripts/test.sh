@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# THE test command for thaw: what CI runs (.ci/run) and what a developer runs before pushing.
+#
+#   1. install-test-deps  real OCI clients and peers the interop tests drive (idempotent)
+#   2. fmt                cargo fmt --all --check
+#   3. clippy             every target, warnings are errors
+#   4. schema-purity      thaw-schema's normal dependencies include no runtime/HTTP/storage/kube crate
+#   5. test               cargo test --workspace --locked: unit, integration and interop tests
+#
+# Exits non-zero at the first failing stage; prints how long each stage took either way.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+# Panics keep their backtraces; anyhow errors (the interop tests') print their context chain only.
+export RUST_LIB_BACKTRACE=${RUST_LIB_BACKTRACE:-0}
+
+stage_names=()
+stage_secs=()
+current_stage=""
+stage_started=0
+test_log=""
+
+summary() {
+  local status=$?
+  if [[ -n $current_stage ]]; then
+    stage_names+=("$current_stage (FAILED)")
+    stage_secs+=($((SECONDS - stage_started)))
+  fi
+  printf '\n==> stage times\n'
+  local i
+  for i in "${!stage_names[@]}"; do
+    printf '    %-30s %5ss\n' "${stage_names[$i]}" "${stage_secs[$i]}"
+  done
+  if ((status == 0)); then
+    printf '==> all stages passed in %ss\n' "$SECONDS"
+  else
+    printf '==> FAILED (exit %s) after %ss\n' "$status" "$SECONDS"
+  fi
+  if [[ -n $test_log && -f $test_log ]]; then
+    # Totals over every `test result:` line (unit, integration, interop and doc tests), as
+    # the closing line, so the count is read the same whatever the stage output above.
+    awk '/^test result: / {
+           for (i = 1; i <= NF; i++) {
+             if ($(i) ~ /^passed;?$/) p += $(i - 1)
+             if ($(i) ~ /^failed;?$/) f += $(i - 1)
+             if ($(i) ~ /^ignored;?$/) s += $(i - 1)
+           }
+         }
+         END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$test_log"
+    rm -f "$test_log"
+  fi
+}
+trap summary EXIT
+
+begin() {
+  current_stage=$1
+  stage_started=$SECONDS
+  printf '\n==> [%s] %s\n' "$1" "$2"
+}
+
+end() {
+  stage_names+=("$current_stage")
+  stage_secs+=($((SECONDS - stage_started)))
+  current_stage=""
+}
+
+begin install-test-deps "scripts/install-test-deps.sh"
+bash scripts/install-test-deps.sh
+end
+
+begin fmt "cargo fmt --all --check"
+cargo fmt --all --check
+end
+
+begin clippy "cargo clippy --workspace --all-targets --locked -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+end
+
+begin schema-purity "cargo tree -p thaw-schema -e normal: no tokio, hyper, reqwest, object_store, kube"
+forbidden=(tokio hyper reqwest object_store kube)
+# One crate name per line (first field of `name vX.Y.Z (source)`), each once.
+schema_deps=$(cargo tree -p thaw-schema -e normal --locked --prefix none | awk '{print $1}' | sort -u)
+found=()
+for crate in "${forbidden[@]}"; do
+  if grep -qxF "$crate" <<<"$schema_deps"; then
+    found+=("$crate")
+  fi
+done
+if ((${#found[@]} > 0)); then
+  echo "thaw-schema must stay pure, but its normal dependencies include: ${found[*]}" >&2
+  for crate in "${found[@]}"; do
+    echo "--- how $crate gets in:" >&2
+    cargo tree -p thaw-schema -e normal --locked -i "$crate" >&2 || true
+  done
+  exit 1
+fi
+echo "thaw-schema: $(wc -l <<<"$schema_deps") crates in its normal dependency tree, none forbidden"
+end
+
+begin test "cargo test --workspace --locked"
+test_log=$(mktemp)
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$test_log"
+end
