@@ -7,7 +7,18 @@ use crate::ChunkId;
 /// Magic and version that open every batch.
 pub const BATCH_MAGIC: &[u8; 8] = b"THAWCHK\x01";
 
-const ENTRY_HEADER_LEN: usize = 32 + 1 + 4 + 4;
+/// Bytes of an entry before its payload: id, codec, uncompressed and payload lengths.
+pub const ENTRY_HEADER_LEN: usize = 32 + 1 + 4 + 4;
+
+/// Appends one batch entry to `out` (for writers that stream a batch instead of building
+/// it with [`BatchWriter`]).
+pub fn encode_entry(out: &mut Vec<u8>, id: &ChunkId, chunk: &EncodedChunk) {
+    out.extend_from_slice(id.as_bytes());
+    out.push(chunk.codec as u8);
+    out.extend_from_slice(&chunk.raw_len.to_le_bytes());
+    out.extend_from_slice(&(chunk.payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&chunk.payload);
+}
 
 /// Appends chunks to a batch body.
 #[derive(Debug, Clone)]
@@ -29,11 +40,7 @@ impl BatchWriter {
     }
     /// Adds one chunk.
     pub fn push(&mut self, id: &ChunkId, chunk: &EncodedChunk) {
-        self.buf.extend_from_slice(id.as_bytes());
-        self.buf.push(chunk.codec as u8);
-        self.buf.extend_from_slice(&chunk.raw_len.to_le_bytes());
-        self.buf.extend_from_slice(&(chunk.payload.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(&chunk.payload);
+        encode_entry(&mut self.buf, id, chunk);
         self.count += 1;
     }
     /// Body size so far, in bytes.

@@ -114,7 +114,8 @@ fn upload_progress(status: StatusCode, name: &str, id: &str, size: u64) -> Respo
     response
 }
 
-fn blob_created(name: &str, digest: &Sha256Digest) -> Response {
+/// 201 for a blob now readable in `name`.
+pub(super) fn blob_created(name: &str, digest: &Sha256Digest) -> Response {
     let mut response = StatusCode::CREATED.into_response();
     header(&mut response, "location", format!("/v2/{name}/blobs/{digest}"));
     header(&mut response, "docker-content-digest", digest.to_string());
@@ -145,12 +146,7 @@ pub(super) async fn start_upload(state: &Arc<AppState>, name: &str, req: Request
                 return Err(e);
             }
         };
-        let session = state.uploads.get(name, &id)?;
-        let appended = session.lock().await.append(req.body.into_data_stream()).await;
-        if let Err(e) = appended {
-            state.uploads.remove(&id).await;
-            return Err(e);
-        }
+        append_or_abort(state, name, &id, req.body).await?;
         return commit(state, name, &id, digest).await;
     }
     Ok(upload_progress(StatusCode::ACCEPTED, name, &id, 0))
@@ -223,7 +219,8 @@ pub(super) async fn finish_upload(
     id: &str,
     req: Request,
 ) -> ApiResult<Response> {
-    let session = state.uploads.get(name, id)?;
+    // An unknown session is 404 whatever the parameters say.
+    state.uploads.get(name, id)?;
     let Some(digest) = req.query.get("digest") else {
         return Err(ApiError::digest_invalid("the closing PUT needs a ?digest= parameter"));
     };
@@ -234,11 +231,7 @@ pub(super) async fn finish_upload(
             return Err(e);
         }
     };
-    let appended = session.lock().await.append(req.body.into_data_stream()).await;
-    if let Err(e) = appended {
-        state.uploads.remove(id).await;
-        return Err(e);
-    }
+    append_or_abort(state, name, id, req.body).await?;
     commit(state, name, id, digest).await
 }
 
@@ -246,6 +239,16 @@ pub(super) async fn cancel_upload(state: &Arc<AppState>, name: &str, id: &str) -
     state.uploads.get(name, id)?;
     state.uploads.remove(id).await;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Appends a closing body to a session; a broken body ends the session.
+async fn append_or_abort(state: &Arc<AppState>, name: &str, id: &str, body: Body) -> ApiResult<()> {
+    let session = state.uploads.get(name, id)?;
+    let appended = session.lock().await.append(body.into_data_stream()).await;
+    if appended.is_err() {
+        state.uploads.remove(id).await;
+    }
+    appended.map(drop)
 }
 
 /// Verifies the received bytes against `digest`, stores them as chunks plus a recipe

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use thaw_schema::batch::{parse_batch, BATCH_MAGIC};
+use thaw_schema::batch::{encode_entry, parse_batch, BATCH_MAGIC, ENTRY_HEADER_LEN};
 use thaw_schema::dto::{
     ChunkUploadResponse, DiscoverResponse, ExtensionInfo, FetchChunksRequest, MissingChunksRequest,
     MissingChunksResponse, MAX_IDS_PER_QUERY, THAW_EXTENSION,
@@ -153,12 +153,8 @@ pub(super) async fn fetch_chunks(state: &Arc<AppState>, name: &str, req: Request
                     key: id.to_string(),
                     why: "chunk of a committed blob is missing".into(),
                 })?;
-                let mut entry = Vec::with_capacity(41 + chunk.payload.len());
-                entry.extend_from_slice(id.as_bytes());
-                entry.push(chunk.codec as u8);
-                entry.extend_from_slice(&chunk.raw_len.to_le_bytes());
-                entry.extend_from_slice(&(chunk.payload.len() as u32).to_le_bytes());
-                entry.extend_from_slice(&chunk.payload);
+                let mut entry = Vec::with_capacity(ENTRY_HEADER_LEN + chunk.payload.len());
+                encode_entry(&mut entry, &id, &chunk);
                 Ok::<_, StoreError>(Bytes::from(entry))
             }
         })
@@ -211,11 +207,7 @@ pub(super) async fn commit(
         state.store.link_blob(name, &digest, size).await?;
     }
     tracing::info!(repository = %name, %digest, "blob committed from recipe");
-    let mut response = StatusCode::CREATED.into_response();
-    header(&mut response, "location", format!("/v2/{name}/blobs/{digest}"));
-    header(&mut response, "docker-content-digest", digest.to_string());
-    header(&mut response, "content-length", "0");
-    Ok(response)
+    Ok(super::blobs::blob_created(name, &digest))
 }
 
 pub(super) async fn recipe(state: &Arc<AppState>, name: &str, digest: &str) -> ApiResult<Response> {
