@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Installs the real OCI peers and clients that thaw's interop tests drive, and nothing else.
+# Installs the real OCI peers and clients that thaw's interop tests drive, and the real S3
+# server its storage tests run against, and nothing else.
 #
-#   Debian: skopeo, docker-registry (distribution 2.8)
-#   PyPI:   oras==0.2.43 (oras-py), into the `python3` found on PATH
+#   Debian:    skopeo, docker-registry (distribution 2.8)
+#   PyPI:      oras==0.2.43 (oras-py), into the `python3` found on PATH
+#   crates.io: garage 2.5.0 (S3-compatible object store), built by `cargo install`
 #
 # Idempotent: each component is checked first and only what is missing is installed, so on
 # a provisioned machine it runs in well under a second, changes nothing, and needs no root.
-# Installing needs root (it runs as root, without stdin, in CI) and the package registries.
-# Nothing is cached outside the repository: apt deletes the .deb files it fetched, pip
-# runs with --no-cache-dir.
+# Installing needs root (it runs as root, without stdin, in CI) and the package registries;
+# Garage needs cargo and builds from source (about 15 minutes on 2 cores) into
+# $CARGO_HOME/bin. Nothing else is cached outside the repository: apt deletes the .deb files
+# it fetched, pip runs with --no-cache-dir, cargo install builds in a temporary directory.
 set -euo pipefail
 
 readonly APT_PACKAGES=(skopeo docker-registry)
@@ -71,7 +74,31 @@ else
 fi
 
 # --- Garage (S3-compatible object store) -------------------------------------------------
-# Reserved for the Garage issue: `cargo install garage --version 2.5.0 --locked` (~15 min
-# here), skipped when `garage --version` already reports 2.5.0. Not installed yet.
+# The S3 tests (registry/tests/s3_*.rs, storage_conformance.rs, the THAW_TEST_STORAGE=s3
+# stage) start their own single-node Garage on loopback; they find it on PATH or in
+# $CARGO_HOME/bin.
+readonly GARAGE_VERSION=2.5.0
+CARGO_BIN_DIR=${CARGO_HOME:-$HOME/.cargo}/bin
+garage_version() {
+  local bin
+  bin=$(command -v garage || true)
+  [[ -n $bin ]] || bin=$CARGO_BIN_DIR/garage
+  [[ -x $bin ]] || return 0
+  "$bin" --version 2>/dev/null </dev/null || true
+}
+garage_installed() {
+  # `garage --version` prints e.g. "garage cargo:2.5.0 [features: …]".
+  [[ $(garage_version) =~ (^|[^0-9.])${GARAGE_VERSION//./\\.}([^0-9.]|$) ]]
+}
+if ! garage_installed; then
+  command -v cargo >/dev/null || die "Garage $GARAGE_VERSION is missing and installing it needs cargo on PATH"
+  found=$(garage_version)
+  log "installing Garage $GARAGE_VERSION with 'cargo install garage --version $GARAGE_VERSION --locked'" \
+    "(found: ${found:-none}); it builds from source and takes ~15+ minutes on 2 cores"
+  cargo install garage --version "$GARAGE_VERSION" --locked </dev/null
+  garage_installed || die "Garage $GARAGE_VERSION still not found after cargo install (looked on PATH and in $CARGO_BIN_DIR)"
+else
+  log "Garage present: $(garage_version | cut -d' ' -f1-2)"
+fi
 
-log "all interop test dependencies present"
+log "all interop and S3 test dependencies present"

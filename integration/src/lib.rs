@@ -1,1 +1,4 @@
 //! Placeholder: filled by a later issue. Nothing here claims to work yet.
+
+pub mod chunk_study;
+pub mod corpus;

@@ -9,13 +9,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use thaw_schema::chunker::ChunkerParams;
 use thaw_schema::digest::Sha256Hasher;
 use thaw_schema::frame::EncodedChunk;
 use thaw_schema::recipe::{RecipeBuilder, RecipeEntry};
-use thaw_schema::{ChunkId, Recipe, Sha256Digest, MAX_CHUNK_LEN};
+use thaw_schema::{ChunkId, ErrorCode, Recipe, Sha256Digest, MAX_CHUNK_LEN};
 
+use crate::error::ApiError;
 use crate::storage::{Store, StoreError};
 
 /// Why ingesting a blob failed.
@@ -29,19 +31,33 @@ pub(crate) enum IngestError {
     Store(#[from] StoreError),
 }
 
-/// How many chunk writes run at once while ingesting one blob.
-const PUT_CONCURRENCY: usize = 8;
+impl IngestError {
+    /// The answer to the client: a storage failure keeps its meaning (503 `UNAVAILABLE`
+    /// when the backend is unreachable, so clients retry), a spool failure is 500 `UNKNOWN`.
+    pub(crate) fn into_api(self, what: &str) -> ApiError {
+        match self {
+            Self::Store(e) => ApiError::from(e),
+            Self::Io(e) => ApiError::new(ErrorCode::Unknown, format!("{what}: {e}")),
+        }
+    }
+}
+
+/// Chunks handed from the chunking thread to the writer ahead of it.
+const CHANNEL_DEPTH: usize = 16;
 
 /// Chunks, compresses and stores everything `reader` yields; returns the recipe (whose
 /// digest is the SHA-256 of what was read). Nothing is linked here: the caller decides,
-/// after checking the digest, whether the blob becomes visible.
+/// after checking the digest, whether the blob becomes visible. New chunks go into packs
+/// (`ChunkWriter`); the chunk index is refreshed first, so chunks another replica stored
+/// are not stored again.
 pub(crate) async fn ingest<R: Read + Send + 'static>(
     store: Arc<Store>,
     reader: R,
     chunker: ChunkerParams,
     zstd_level: i32,
 ) -> Result<Recipe, IngestError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, EncodedChunk)>(PUT_CONCURRENCY * 2);
+    store.refresh_index(std::time::Instant::now()).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, EncodedChunk)>(CHANNEL_DEPTH);
     let known = store.clone();
     let producer = tokio::task::spawn_blocking(move || -> std::io::Result<Recipe> {
         let mut hasher = Sha256Hasher::new();
@@ -69,16 +85,18 @@ pub(crate) async fn ingest<R: Read + Send + 'static>(
         }
         Ok(recipe.finish(hasher.finish()))
     });
-    let writes = futures::stream::poll_fn(|cx| rx.poll_recv(cx))
-        .map(|(id, chunk)| {
-            let store = store.clone();
-            async move { store.put_chunk(&id, &chunk).await }
-        })
-        .buffer_unordered(PUT_CONCURRENCY)
-        .try_for_each(|_| async { Ok(()) });
-    let write_result = writes.await;
+    let mut writer = store.chunk_writer();
+    let mut write_result = Ok(());
+    while let Some((id, chunk)) = rx.recv().await {
+        if let Err(e) = writer.add(id, &chunk).await {
+            write_result = Err(e);
+            break;
+        }
+    }
+    drop(rx);
     let recipe = producer.await.map_err(std::io::Error::other)??;
     write_result?;
+    writer.finish().await?;
     Ok(recipe)
 }
 
@@ -98,16 +116,14 @@ pub(crate) async fn ingest_file(
 /// Zeros for holes: a static slice, so reading a sparse blob allocates nothing for them.
 static ZEROS: [u8; MAX_CHUNK_LEN as usize] = [0; MAX_CHUNK_LEN as usize];
 
-/// How many chunk reads run ahead of the client while streaming a blob.
-const READ_AHEAD: usize = 8;
-
-/// Streams bytes `[start, end)` of a blob from its recipe, reading and verifying each chunk.
+/// Streams bytes `[start, end)` of a blob from its recipe, reading (neighbouring chunks
+/// together) and verifying each chunk; zero entries cost nothing.
 pub(crate) fn read_range(
     store: Arc<Store>,
     recipe: Arc<Recipe>,
     start: u64,
     end: u64,
-) -> impl Stream<Item = Result<Bytes, StoreError>> + Send {
+) -> BoxStream<'static, Result<Bytes, StoreError>> {
     let mut pieces = Vec::new();
     let mut offset = 0u64;
     for (index, entry) in recipe.entries.iter().enumerate() {
@@ -122,22 +138,28 @@ pub(crate) fn read_range(
         }
         let from = start.saturating_sub(entry_start) as usize;
         let to = (end.min(entry_end) - entry_start) as usize;
-        pieces.push((index, from, to));
+        pieces.push((recipe.entries[index], from, to));
     }
-    futures::stream::iter(pieces)
-        .map(move |(index, from, to)| {
-            let store = store.clone();
-            let entry = recipe.entries[index];
-            async move {
-                match entry {
-                    RecipeEntry::Zero { .. } => Ok(Bytes::from_static(&ZEROS[from..to])),
-                    RecipeEntry::Data { id, .. } => {
-                        Ok(Bytes::from(store.read_chunk(&id).await?).slice(from..to))
-                    }
-                }
-            }
-        })
-        .buffered(READ_AHEAD)
+    let ids: Vec<ChunkId> = pieces.iter().filter_map(|(e, _, _)| e.chunk_id().copied()).collect();
+    let chunks = store.read_chunks(ids);
+    futures::stream::unfold((pieces.into_iter(), chunks), |(mut pieces, mut chunks)| async move {
+        let (entry, from, to) = pieces.next()?;
+        let piece = match entry {
+            RecipeEntry::Zero { .. } => Ok(Bytes::from_static(&ZEROS[from..to])),
+            RecipeEntry::Data { id, .. } => match chunks.try_next().await {
+                Ok(Some(data)) => Ok(data.slice(from..to)),
+                Ok(None) => Err(StoreError::Corrupt {
+                    key: format!("chunk {id}"),
+                    why: "chunk reader ended early".into(),
+                }),
+                Err(e) => Err(e),
+            },
+        };
+        // After an error the stream ends: the response is cut short, never padded.
+        let next = if piece.is_ok() { pieces } else { Vec::new().into_iter() };
+        Some((piece, (next, chunks)))
+    })
+    .boxed()
 }
 
 /// Reassembles a whole blob from its recipe and returns its SHA-256, hashing off the async

@@ -15,18 +15,21 @@ mod uploads;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::prefix::PrefixStore;
-use object_store::ObjectStore;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use thaw_schema::chunker::ChunkerParams;
 
 pub use error::{ApiError, ApiResult};
 pub use handlers::{router, AppState};
-pub use storage::{Store, StoreError};
+pub use storage::metrics::{process_storage_metrics, Counted, StorageCounts, StorageMetrics};
+pub use storage::{ChunkWriter, Store, StoreError, DEFAULT_PACK_TARGET};
 
 /// Default zstd level for chunks the registry compresses itself (see docs/DECISIONS.md).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -47,22 +50,44 @@ impl RegistryConfig {
     }
 }
 
+/// How long one S3 request may take, start to end (`AWS_TIMEOUT` overrides).
+pub const S3_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connecting to S3 may take (`AWS_CONNECT_TIMEOUT` overrides).
+pub const S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Retries of one failed S3 request (`THAW_S3_MAX_RETRIES` overrides).
+pub const S3_MAX_RETRIES: usize = 3;
+/// No retry starts later than this after the first attempt (`THAW_S3_RETRY_TIMEOUT`,
+/// in seconds, overrides).
+pub const S3_RETRY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Opens the object store named by `storage` and picks the upload spool directory.
 ///
 /// `s3://BUCKET[/PREFIX]` takes endpoint, region, credentials and addressing style from the
 /// usual `AWS_*` variables (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
-/// `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`); anything
-/// else is a directory. Spool files are local to the process in both cases: under the
-/// storage directory, or for S3 under `THAW_UPLOAD_DIR` (default: a per-port directory in
-/// the system temp dir, so replicas on one host never share one).
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`, and the
+/// client options `AWS_TIMEOUT`, `AWS_CONNECT_TIMEOUT`); anything else is a directory.
+///
+/// Requests to S3 fail fast rather than hang: each may take [`S3_REQUEST_TIMEOUT`], and a
+/// failed one is retried at most [`S3_MAX_RETRIES`] times within [`S3_RETRY_TIMEOUT`], so
+/// an unreachable S3 server turns into a 503 `UNAVAILABLE` within seconds, not the minutes
+/// `object_store`'s defaults allow (10 retries within 3 minutes).
+///
+/// Every store is wrapped in a request counter ([`process_storage_metrics`]).
+///
+/// Spool files are local to the process in both cases: under the storage directory, or for
+/// S3 under `THAW_UPLOAD_DIR` (default: a per-port directory in the system temp dir, so
+/// replicas on one host never share one; with port 0, a per-process-and-registry one).
 fn open_objects(config: &RegistryConfig) -> anyhow::Result<(Arc<dyn ObjectStore>, PathBuf)> {
     let upload_dir_override = std::env::var_os("THAW_UPLOAD_DIR").map(PathBuf::from);
+    let counted = |store: Arc<dyn ObjectStore>| -> Arc<dyn ObjectStore> {
+        Arc::new(Counted::new(store, process_storage_metrics()))
+    };
     if let Some(rest) = config.storage.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             bail!("storage URL {:?} names no bucket: use s3://BUCKET/PREFIX", config.storage);
         }
-        let s3 = AmazonS3Builder::from_env()
+        let s3 = s3_builder()?
             .with_bucket_name(bucket)
             .build()
             .with_context(|| format!("configuring S3 storage {} from AWS_* variables", config.storage))?;
@@ -71,19 +96,56 @@ fn open_objects(config: &RegistryConfig) -> anyhow::Result<(Arc<dyn ObjectStore>
             p => Arc::new(PrefixStore::new(s3, p)),
         };
         let id = match config.listen.port() {
-            0 => format!("pid-{}", std::process::id()),
+            0 => {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                format!("pid-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+            }
             port => format!("port-{port}"),
         };
         let spool = upload_dir_override
             .unwrap_or_else(|| std::env::temp_dir().join("thaw-registry-uploads").join(id));
-        return Ok((objects, spool));
+        return Ok((counted(objects), spool));
     }
     let root = PathBuf::from(&config.storage);
     std::fs::create_dir_all(&root)
         .with_context(|| format!("creating storage directory {}", root.display()))?;
     let objects = LocalFileSystem::new_with_prefix(&root)
         .with_context(|| format!("opening storage directory {}", root.display()))?;
-    Ok((Arc::new(objects), upload_dir_override.unwrap_or_else(|| root.join("_uploads"))))
+    Ok((counted(Arc::new(objects)), upload_dir_override.unwrap_or_else(|| root.join("_uploads"))))
+}
+
+/// An S3 builder with the registry's timeouts and retries, then every `AWS_*` variable
+/// applied as `AmazonS3Builder::from_env` does (so `AWS_TIMEOUT` and friends override).
+fn s3_builder() -> anyhow::Result<AmazonS3Builder> {
+    let env_number = |name: &str| -> anyhow::Result<Option<u64>> {
+        match std::env::var(name) {
+            Err(_) => Ok(None),
+            Ok(v) => {
+                v.trim().parse().map(Some).with_context(|| format!("{name}={v:?} is not a whole number"))
+            }
+        }
+    };
+    let retry = RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: env_number("THAW_S3_MAX_RETRIES")?.map_or(S3_MAX_RETRIES, |n| n as usize),
+        retry_timeout: env_number("THAW_S3_RETRY_TIMEOUT")?.map_or(S3_RETRY_TIMEOUT, Duration::from_secs),
+    };
+    let client =
+        ClientOptions::new().with_timeout(S3_REQUEST_TIMEOUT).with_connect_timeout(S3_CONNECT_TIMEOUT);
+    let mut builder = AmazonS3Builder::new().with_client_options(client).with_retry(retry);
+    for (key, value) in std::env::vars_os() {
+        let (Some(key), Some(value)) = (key.to_str(), value.to_str()) else { continue };
+        if key.starts_with("AWS_") {
+            if let Ok(config_key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                builder = builder.with_config(config_key, value);
+            }
+        }
+    }
+    Ok(builder)
 }
 
 /// Opens the storage named in `config` and builds the shared state.

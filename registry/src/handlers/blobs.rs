@@ -279,7 +279,7 @@ async fn commit_inner(
         let recipe =
             ingest::ingest_file(state.store.clone(), s.path.clone(), state.chunker, state.zstd_level)
                 .await
-                .map_err(|e| ApiError::new(ErrorCode::Unknown, format!("storing blob {digest}: {e}")))?;
+                .map_err(|e| e.into_api(&format!("storing blob {digest}")))?;
         if recipe.digest != digest || recipe.size != s.size {
             return Err(ApiError::new(
                 ErrorCode::Unknown,

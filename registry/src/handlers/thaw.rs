@@ -30,8 +30,6 @@ pub(crate) const MAX_BATCH_LEN: usize = 64 * 1024 * 1024;
 const MAX_QUERY_LEN: usize = 8 * 1024 * 1024;
 /// Largest recipe body (a recipe of ~100 GiB at 64 KiB chunks).
 const MAX_RECIPE_LEN: usize = 64 * 1024 * 1024;
-/// Concurrent storage lookups or reads per request.
-const STORAGE_CONCURRENCY: usize = 16;
 
 pub(super) fn discover() -> Response {
     let endpoints = [
@@ -71,17 +69,9 @@ fn check_id_count(n: usize) -> ApiResult<()> {
     Ok(())
 }
 
-/// For each id, whether the chunk is stored (looked up concurrently, answered in order).
+/// For each id, whether the chunk is stored (answered in order).
 async fn which_present(store: &Arc<Store>, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-    let store = store.clone();
-    futures::stream::iter(ids.to_vec())
-        .map(move |id| {
-            let store = store.clone();
-            async move { store.has_chunk(&id).await }
-        })
-        .buffered(STORAGE_CONCURRENCY)
-        .try_collect()
-        .await
+    store.which_present(ids).await
 }
 
 pub(super) async fn missing(state: &Arc<AppState>, _name: &str, req: Request) -> ApiResult<Response> {
@@ -112,16 +102,7 @@ pub(super) async fn upload_chunks(state: &Arc<AppState>, name: &str, req: Reques
         other => ApiError::new(ErrorCode::BlobUploadInvalid, format!("chunk batch rejected: {other}")),
     })?;
     let total = chunks.len();
-    let store = state.store.clone();
-    let fresh: Vec<bool> = futures::stream::iter(chunks)
-        .map(move |(id, chunk)| {
-            let store = store.clone();
-            async move { store.put_chunk(&id, &chunk).await }
-        })
-        .buffer_unordered(STORAGE_CONCURRENCY)
-        .try_collect()
-        .await?;
-    let stored = fresh.iter().filter(|f| **f).count();
+    let stored = state.store.store_chunks(&chunks).await?;
     tracing::debug!(repository = %name, stored, total, "chunk batch stored");
     Ok(axum::Json(ChunkUploadResponse { stored, present: total - stored }).into_response())
 }
@@ -144,21 +125,14 @@ pub(super) async fn fetch_chunks(state: &Arc<AppState>, name: &str, req: Request
         return Err(ApiError::new(ErrorCode::Denied, format!("chunk {stranger} is not part of blob {blob}")));
     }
     // Frames go out as stored; the receiver verifies each against its id.
-    let store = state.store.clone();
-    let entries = futures::stream::iter(query.chunks)
-        .map(move |id| {
-            let store = store.clone();
-            async move {
-                let chunk = store.get_chunk(&id).await?.ok_or_else(|| StoreError::Corrupt {
-                    key: id.to_string(),
-                    why: "chunk of a committed blob is missing".into(),
-                })?;
-                let mut entry = Vec::with_capacity(ENTRY_HEADER_LEN + chunk.payload.len());
-                encode_entry(&mut entry, &id, &chunk);
-                Ok::<_, StoreError>(Bytes::from(entry))
-            }
+    let entries = state
+        .store
+        .chunk_frames(query.chunks)
+        .map_ok(|(id, chunk)| {
+            let mut entry = Vec::with_capacity(ENTRY_HEADER_LEN + chunk.payload.len());
+            encode_entry(&mut entry, &id, &chunk);
+            Bytes::from(entry)
         })
-        .buffered(STORAGE_CONCURRENCY)
         .inspect_err(|e| tracing::error!(error = %e, "aborting chunk fetch response"));
     let body = futures::stream::once(async { Ok(Bytes::from_static(BATCH_MAGIC)) }).chain(entries);
     let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();

@@ -1,7 +1,8 @@
 //! Every storage key the registry uses, spelled in this one place.
 //!
 //! ```text
-//! chunks/<2 hex>/<64 hex>                                  one chunk frame (docs/FORMAT.md), global
+//! chunks/packs/<pack id>                                   a pack of chunk frames (storage::pack), global
+//! chunks/index/<pack id>                                   its index: chunk id → frame range, written after it
 //! recipes/sha256/<64 hex>                                  one recipe per blob digest, global
 //! manifests/sha256/<64 hex>                                manifest bytes, global
 //! repositories/<name>/_layers/sha256/<64 hex>              blob link: the blob is readable in <name>; holds its size
@@ -12,20 +13,27 @@
 //! ```
 //!
 //! Content (chunks, recipes, manifests) is global and content-addressed, so it is stored
-//! once; visibility is per repository, through links. A link is written only after all the
+//! once (a chunk may sit in two packs when two replicas stored it at once; either copy
+//! serves); visibility is per repository, through links. A link is written only after all the
 //! content it points to, which is what makes an interrupted write invisible. Repository
 //! names are validated before they reach here, and their grammar forbids `..`, empty
 //! components and leading `_`, so they cannot escape their subtree or collide with `_layers`.
 
 use object_store::path::Path;
-use thaw_schema::{ChunkId, Sha256Digest};
+use thaw_schema::Sha256Digest;
 
-pub(crate) const CHUNKS: &str = "chunks";
+use super::pack::PackId;
+
+pub(crate) const PACKS: &str = "chunks/packs";
+pub(crate) const PACK_INDEXES: &str = "chunks/index";
 pub(crate) const REPOSITORIES: &str = "repositories";
 
-pub(crate) fn chunk(id: &ChunkId) -> Path {
-    let hex = id.hex();
-    Path::from(format!("{CHUNKS}/{}/{hex}", &hex[..2]))
+pub(crate) fn pack(id: &PackId) -> Path {
+    Path::from(format!("{PACKS}/{id}"))
+}
+
+pub(crate) fn pack_index(id: &PackId) -> Path {
+    Path::from(format!("{PACK_INDEXES}/{id}"))
 }
 
 pub(crate) fn recipe(digest: &Sha256Digest) -> Path {

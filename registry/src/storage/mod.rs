@@ -1,17 +1,23 @@
-//! The registry's storage: content-addressed chunks, recipes and manifests, plus
-//! per-repository links, on any `object_store` backend (filesystem by default).
+//! The registry's storage: content-addressed chunks (in packs), recipes and manifests,
+//! plus per-repository links, on any `object_store` backend (filesystem by default, S3).
+//!
+//! Everything lives in the object store; what this process keeps in memory (the chunk
+//! index) is a cache rebuilt from it, so several registries can serve one bucket.
 
+mod cache;
+mod chunks;
+mod index;
 pub(crate) mod keys;
+pub(crate) mod metrics;
+mod pack;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
-use thaw_schema::frame::EncodedChunk;
-use thaw_schema::{ChunkId, Recipe, Sha256Digest};
+use thaw_schema::{Recipe, Sha256Digest};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -38,17 +44,24 @@ impl From<object_store::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Bound on the in-memory set of chunks known to be stored (~32 bytes each plus overhead,
-/// so about 200 MB at the cap).
-const MAX_KNOWN_CHUNKS: usize = 4_000_000;
+pub use chunks::{ChunkWriter, DEFAULT_PACK_TARGET};
 
 /// Typed access to the registry's objects.
 pub struct Store {
     objects: Arc<dyn ObjectStore>,
-    /// Chunks known to be stored. Only ever filled from a successful write or read, so it
-    /// never claims a chunk that does not exist (until GC exists, which must clear it).
-    known_chunks: Mutex<HashSet<ChunkId>>,
+    /// Where each known chunk is stored (see `index`).
+    index: RwLock<index::ChunkIndex>,
+    /// Serializes index refreshes, and remembers how far they got.
+    refresh: tokio::sync::Mutex<chunks::RefreshState>,
+    /// Chunk writers close a pack once it holds this many bytes.
+    pack_target: usize,
+    /// Recently used decoded recipes (immutable: never stale).
+    recipes: cache::Cache<Sha256Digest, Recipe>,
 }
+
+/// Bytes of encoded recipes kept decoded in memory (a 2 GiB memory file in 4 KiB pages has
+/// a recipe of ~8 MiB).
+const RECIPE_CACHE_BYTES: usize = 64 << 20;
 
 fn corrupt(key: &Path, why: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { key: key.to_string(), why: why.to_string() }
@@ -57,7 +70,20 @@ fn corrupt(key: &Path, why: impl std::fmt::Display) -> StoreError {
 impl Store {
     /// Wraps an object store.
     pub fn new(objects: Arc<dyn ObjectStore>) -> Self {
-        Self { objects, known_chunks: Mutex::new(HashSet::new()) }
+        Self {
+            objects,
+            index: RwLock::new(index::ChunkIndex::default()),
+            refresh: tokio::sync::Mutex::new(chunks::RefreshState::default()),
+            pack_target: DEFAULT_PACK_TARGET,
+            recipes: cache::Cache::new(RECIPE_CACHE_BYTES),
+        }
+    }
+
+    /// The same store closing packs at `bytes` instead of [`DEFAULT_PACK_TARGET`] (tests use
+    /// tiny packs to exercise reads across many packs).
+    pub fn with_pack_target(mut self, bytes: usize) -> Self {
+        self.pack_target = bytes.max(1);
+        self
     }
 
     async fn get_opt(&self, key: &Path) -> Result<Option<Bytes>> {
@@ -96,7 +122,13 @@ impl Store {
         }
     }
 
+    /// Deletes `key`; false when it was not there. S3 answers a DELETE of a missing key
+    /// with success, so presence is asked first (deletes are rare; a race between two
+    /// deletes of one key may report both as having deleted it).
     async fn delete(&self, key: &Path) -> Result<bool> {
+        if !self.exists(key).await? {
+            return Ok(false);
+        }
         match self.objects.delete(key).await {
             Ok(()) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -108,70 +140,14 @@ impl Store {
         Ok(self.objects.list(Some(prefix)).map_ok(|m| m.location).try_collect().await?)
     }
 
-    // ---- chunks ----
-
-    /// True when the chunk was seen stored by this process (no I/O; may say false for a
-    /// stored chunk, never true for a missing one).
-    pub fn is_known_chunk(&self, id: &ChunkId) -> bool {
-        self.known_chunks.lock().expect("lock").contains(id)
-    }
-
-    fn remember_chunk(&self, id: &ChunkId) {
-        let mut known = self.known_chunks.lock().expect("lock");
-        // A plain cap instead of an LRU: forgetting only costs a HEAD request later.
-        if known.len() >= MAX_KNOWN_CHUNKS {
-            known.clear();
-        }
-        known.insert(*id);
-    }
-
-    /// True when the chunk is stored.
-    pub async fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
-        if self.known_chunks.lock().expect("lock").contains(id) {
-            return Ok(true);
-        }
-        let found = self.exists(&keys::chunk(id)).await?;
-        if found {
-            self.remember_chunk(id);
-        }
-        Ok(found)
-    }
-
-    /// Stores a verified chunk. Returns true when it was not stored before.
-    pub async fn put_chunk(&self, id: &ChunkId, chunk: &EncodedChunk) -> Result<bool> {
-        if self.known_chunks.lock().expect("lock").contains(id) {
-            return Ok(false);
-        }
-        let fresh = self.put_content(&keys::chunk(id), chunk.to_frame()).await?;
-        self.remember_chunk(id);
-        Ok(fresh)
-    }
-
-    /// Reads a chunk's stored frame, unverified: `None` when absent.
-    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Option<EncodedChunk>> {
-        let key = keys::chunk(id);
-        match self.get_opt(&key).await? {
-            None => Ok(None),
-            Some(frame) => EncodedChunk::from_frame(&frame).map(Some).map_err(|e| corrupt(&key, e)),
-        }
-    }
-
-    /// Reads a chunk and verifies its content against its id.
-    pub async fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let key = keys::chunk(id);
-        let chunk = self.get_chunk(id).await?.ok_or_else(|| corrupt(&key, "referenced chunk is missing"))?;
-        let id = *id;
-        tokio::task::spawn_blocking(move || chunk.decode(&id))
-            .await
-            .map_err(|e| corrupt(&key, e))?
-            .map_err(|e| corrupt(&key, e))
-    }
-
     // ---- recipes ----
 
     /// Stores a blob's recipe (content-addressed by the blob digest; a present one is kept).
     pub async fn put_recipe(&self, recipe: &Recipe) -> Result<()> {
-        self.put_content(&keys::recipe(&recipe.digest), recipe.encode()).await?;
+        let bytes = recipe.encode();
+        let len = bytes.len();
+        self.put_content(&keys::recipe(&recipe.digest), bytes).await?;
+        self.recipes.insert(recipe.digest, Arc::new(recipe.clone()), len);
         Ok(())
     }
 
@@ -180,19 +156,26 @@ impl Store {
         self.get_opt(&keys::recipe(digest)).await
     }
 
-    /// A blob's decoded recipe.
+    /// A blob's decoded recipe (from memory when it was used recently).
     pub async fn get_recipe(&self, digest: &Sha256Digest) -> Result<Option<Recipe>> {
+        if let Some(recipe) = self.recipes.get(digest) {
+            return Ok(Some(Recipe::clone(&recipe)));
+        }
         let key = keys::recipe(digest);
         let Some(bytes) = self.get_opt(&key).await? else { return Ok(None) };
         let recipe = Recipe::decode(&bytes).map_err(|e| corrupt(&key, e))?;
         if recipe.digest != *digest {
             return Err(corrupt(&key, "recipe describes another blob"));
         }
+        self.recipes.insert(*digest, Arc::new(recipe.clone()), bytes.len());
         Ok(Some(recipe))
     }
 
     /// True when a recipe for the digest is stored.
     pub async fn has_recipe(&self, digest: &Sha256Digest) -> Result<bool> {
+        if self.recipes.get(digest).is_some() {
+            return Ok(true);
+        }
         self.exists(&keys::recipe(digest)).await
     }
 

@@ -7,6 +7,8 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub(crate) mod garage;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,7 +57,54 @@ pub(crate) fn client() -> Client {
         .expect("build reqwest client")
 }
 
-/// An in-process registry on an ephemeral port, storing into its own temporary directory.
+// ---------------------------------------------------------------------------
+// Storage backend of the black-box suites
+// ---------------------------------------------------------------------------
+
+/// True when `THAW_TEST_STORAGE=s3`: every [`TestRegistry`] then stores into its own prefix
+/// of the test binary's shared Garage bucket instead of a temporary directory, and the
+/// storage-inspection helpers below ([`list_files`], [`reachable_state`], …) read the
+/// bucket. Anything else (or unset) means the filesystem.
+pub(crate) fn s3_mode() -> bool {
+    match std::env::var("THAW_TEST_STORAGE").as_deref() {
+        Ok("s3") => true,
+        Ok("" | "fs" | "filesystem") | Err(_) => false,
+        Ok(other) => panic!("THAW_TEST_STORAGE={other:?}: use `s3` or `fs`"),
+    }
+}
+
+/// Storage roots that live in S3: the local path a test sees (`TestRegistry::storage()`)
+/// and the bucket prefix it stands for.
+static S3_ROOTS: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// The bucket key prefix `path` stands for, when it lies under an S3 storage root.
+fn s3_key_of(path: &Path) -> Option<String> {
+    let roots = S3_ROOTS.lock().expect("lock");
+    roots.iter().find_map(|(root, prefix)| {
+        let rel = path.strip_prefix(root).ok()?;
+        let rel = rel.to_str().expect("UTF-8 path").trim_matches('/');
+        Some(if rel.is_empty() { prefix.clone() } else { format!("{prefix}/{rel}") })
+    })
+}
+
+/// Runs `f` with a fresh S3 client on a thread of its own (the sync helpers are called
+/// from async tests, whose runtime must not be blocked on from inside).
+fn with_s3<T: Send>(
+    f: impl FnOnce(std::sync::Arc<dyn object_store::ObjectStore>) -> futures::future::BoxFuture<'static, T> + Send,
+) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                rt.block_on(f(garage::Garage::shared().client()))
+            })
+            .join()
+            .expect("S3 inspection thread")
+    })
+}
+
+/// An in-process registry on an ephemeral port, storing into its own temporary directory
+/// (or, with `THAW_TEST_STORAGE=s3`, its own prefix of the shared Garage bucket).
 pub(crate) struct TestRegistry {
     pub(crate) base: String,
     pub(crate) client: Client,
@@ -64,13 +113,32 @@ pub(crate) struct TestRegistry {
 }
 
 impl TestRegistry {
+    /// A registry on the backend `THAW_TEST_STORAGE` names (the filesystem by default).
     pub(crate) async fn start() -> Self {
+        Self::start_on(s3_mode()).await
+    }
+
+    /// A registry on the test binary's shared Garage, whatever `THAW_TEST_STORAGE` says.
+    pub(crate) async fn start_s3() -> Self {
+        Self::start_on(true).await
+    }
+
+    async fn start_on(s3: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("create storage dir");
+        let storage_spec = if s3 {
+            let garage = garage::Garage::shared();
+            garage.export_env();
+            let prefix = garage::unique_prefix("registry");
+            S3_ROOTS.lock().expect("lock").push((storage.clone(), prefix.clone()));
+            garage.storage_url(&prefix)
+        } else {
+            storage.to_str().expect("utf-8 temp path").to_owned()
+        };
         let cfg = thaw_registry::RegistryConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            storage: storage.to_str().expect("utf-8 temp path").to_owned(),
+            storage: storage_spec,
         };
         let running = thaw_registry::spawn(cfg).await.expect("spawn in-process registry");
         let base = running.url();
@@ -79,6 +147,9 @@ impl TestRegistry {
         Self { base, client, running: Some(running), dir }
     }
 
+    /// Where the registry stores. In S3 mode this local path stands for the registry's
+    /// bucket prefix: the inspection helpers ([`list_files`], [`reachable_state`]) read the
+    /// bucket for it, while the directory itself stays empty.
     pub(crate) fn storage(&self) -> PathBuf {
         self.dir.path().join("storage")
     }
@@ -305,6 +376,12 @@ impl BinRegistry {
     /// Starts the binary on a free loopback port with `--storage storage`, logging to
     /// `log`, and waits until it is ready.
     pub(crate) async fn start(storage: &Path, log: &Path) -> Self {
+        Self::start_with(storage.as_os_str(), log, &[]).await
+    }
+
+    /// Starts the binary with `--storage storage` (a directory or `s3://…`) and extra
+    /// environment variables (`AWS_*` for S3), on a free loopback port.
+    pub(crate) async fn start_with(storage: &std::ffi::OsStr, log: &Path, env: &[(&str, String)]) -> Self {
         let addr = free_port();
         let log_file =
             std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open registry log");
@@ -315,6 +392,7 @@ impl BinRegistry {
             .arg(storage)
             .env_remove("THAW_LISTEN")
             .env_remove("THAW_STORAGE")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("clone log handle"))
             .stderr(log_file)
@@ -565,8 +643,27 @@ pub(crate) fn image_index(manifests: Vec<Value>, extra: Value) -> Vec<u8> {
 // Storage inspection
 // ---------------------------------------------------------------------------
 
-/// Every regular file under `dir` (relative path → size). Missing dir → empty.
+/// Every regular file under `dir` (relative path → size). Missing dir → empty. Under an
+/// S3 storage root, the objects under the prefix `dir` stands for.
 pub(crate) fn list_files(dir: &Path) -> BTreeMap<PathBuf, u64> {
+    if let Some(prefix) = s3_key_of(dir) {
+        return with_s3(move |store| {
+            Box::pin(async move {
+                use futures::TryStreamExt;
+                let prefix = object_store::path::Path::from(prefix);
+                let objects: Vec<object_store::ObjectMeta> =
+                    store.list(Some(&prefix)).try_collect().await.expect("list the test bucket");
+                objects
+                    .into_iter()
+                    .map(|m| {
+                        let rel = m.location.prefix_match(&prefix).expect("listed under prefix");
+                        let rel: PathBuf = rel.map(|p| p.as_ref().to_owned()).collect();
+                        (rel, m.size)
+                    })
+                    .collect()
+            })
+        });
+    }
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -587,6 +684,23 @@ pub(crate) fn list_files(dir: &Path) -> BTreeMap<PathBuf, u64> {
     out
 }
 
+/// The bytes of one stored file (or, under an S3 storage root, object).
+pub(crate) fn read_stored(path: &Path) -> Option<Vec<u8>> {
+    match s3_key_of(path) {
+        None => std::fs::read(path).ok(),
+        Some(key) => with_s3(move |store| {
+            Box::pin(async move {
+                let key = object_store::path::Path::from(key);
+                match store.get(&key).await {
+                    Ok(r) => Some(r.bytes().await.expect("read test bucket object").to_vec()),
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) => panic!("reading {key} from the test bucket: {e}"),
+                }
+            })
+        }),
+    }
+}
+
 /// (file count, total bytes) under `dir`.
 pub(crate) fn dir_usage(dir: &Path) -> (usize, u64) {
     let files = list_files(dir);
@@ -600,7 +714,7 @@ pub(crate) fn reachable_state(storage: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     list_files(&root)
         .into_keys()
         .map(|p| {
-            let bytes = std::fs::read(root.join(&p)).unwrap_or_default();
+            let bytes = read_stored(&root.join(&p)).unwrap_or_default();
             (p, bytes)
         })
         .collect()

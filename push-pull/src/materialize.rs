@@ -1,0 +1,297 @@
+//! Writing one blob into a temporary file: from its recipe (chunks from seeds, the cache and
+//! `_thaw/chunks/fetch`, zero chunks as holes) or by a plain streamed download. Either way
+//! every chunk and the whole file are checked before the caller may rename it into place.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt as _, TryStreamExt as _};
+use reqwest::StatusCode;
+use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
+
+use crate::error::{Error, Result};
+use crate::local::{ChunkCache, Location, OpenFiles};
+use crate::registry::{is_retryable, Registry};
+use crate::sink::FileSink;
+use crate::stats::{Counter, Stats};
+use crate::tuning::{FETCH_BATCH_RAW_BYTES, TRANSFER_CONCURRENCY};
+
+/// Where one blob comes from and goes to.
+pub(crate) struct Target<'a> {
+    pub(crate) repository: &'a str,
+    pub(crate) digest: Sha256Digest,
+    pub(crate) size: u64,
+    pub(crate) temp: &'a Path,
+    /// For messages: `file "memory" of host/repo:tag`.
+    pub(crate) what: String,
+}
+
+/// Writes the blob from its recipe. `local` maps chunk ids to seed locations.
+pub(crate) async fn from_recipe(
+    registry: &Registry,
+    target: &Target<'_>,
+    recipe: Recipe,
+    local: Arc<HashMap<ChunkId, Location>>,
+    cache: Option<ChunkCache>,
+) -> Result<()> {
+    if recipe.size != target.size {
+        return Err(Error::integrity(
+            &target.what,
+            format!("the recipe describes {} bytes, the manifest {}", recipe.size, target.size),
+        ));
+    }
+    let stats = registry.stats().clone();
+    stats.add(Counter::ChunksTotal, recipe.entries.len() as u64);
+    stats.add(Counter::ChunksZero, recipe.entries.iter().filter(|e| e.chunk_id().is_none()).count() as u64);
+    stats.add(Counter::WorkTotal, recipe.size);
+    let lens: HashMap<ChunkId, u32> =
+        recipe.entries.iter().filter_map(|e| e.chunk_id().map(|id| (*id, e.byte_len()))).collect();
+    let cached: HashSet<ChunkId> = match &cache {
+        Some(c) => lens.keys().filter(|id| !local.contains_key(id) && c.contains(id)).copied().collect(),
+        None => HashSet::new(),
+    };
+    let remote: Vec<ChunkId> = recipe
+        .distinct_chunks()
+        .into_iter()
+        .filter(|id| !local.contains_key(id) && !cached.contains(id))
+        .collect();
+    let mut batches: Vec<Vec<ChunkId>> = Vec::new();
+    let mut raw = 0u64;
+    for id in remote {
+        let len = u64::from(lens[&id]);
+        if batches.is_empty() || raw + len > FETCH_BATCH_RAW_BYTES {
+            batches.push(Vec::new());
+            raw = 0;
+        }
+        raw += len;
+        batches.last_mut().expect("a batch").push(id);
+    }
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<(ChunkId, Vec<u8>)>>(2);
+    let blob = target.digest;
+    let fetch_cache = cache.clone();
+    let fetches = async move {
+        let decoded = futures::stream::iter(batches)
+            .map(|ids| {
+                let cache = fetch_cache.clone();
+                let stats = stats.clone();
+                let what = target.what.clone();
+                async move {
+                    let chunks = registry.fetch_chunks(target.repository, &blob, &ids).await?;
+                    tokio::task::spawn_blocking(move || decode_batch(chunks, cache.as_ref(), &stats, &what))
+                        .await
+                        .expect("decode task")
+                }
+            })
+            .buffered(TRANSFER_CONCURRENCY);
+        futures::pin_mut!(decoded);
+        while let Some(batch) = decoded.try_next().await? {
+            if tx.send(batch).await.is_err() {
+                break; // the writer stopped; its error is the one to report
+            }
+        }
+        Ok::<(), Error>(())
+    };
+    let (path, what, stats) = (target.temp.to_owned(), target.what.clone(), registry.stats().clone());
+    let writer = tokio::task::spawn_blocking(move || {
+        write_recipe(&recipe, &path, &local, cache.as_ref(), cached, rx, &stats, &what)
+    });
+    let (fetched, written) = tokio::join!(fetches, writer);
+    fetched?;
+    written.expect("writer task")
+}
+
+fn decode_batch(
+    chunks: Vec<(ChunkId, thaw_schema::frame::EncodedChunk)>,
+    cache: Option<&ChunkCache>,
+    stats: &Stats,
+    what: &str,
+) -> Result<Vec<(ChunkId, Vec<u8>)>> {
+    let mut out = Vec::with_capacity(chunks.len());
+    for (id, chunk) in chunks {
+        let data = chunk
+            .decode(&id)
+            .map_err(|e| Error::integrity(format!("{what}: chunk {id} from the registry"), e.to_string()))?;
+        stats.add(Counter::ChunksTransferred, 1);
+        stats.add(Counter::ChunkRawBytes, data.len() as u64);
+        stats.add(Counter::ChunkCompressedBytes, chunk.payload.len() as u64);
+        if let Some(c) = cache {
+            if let Err(e) = c.put(&id, &chunk) {
+                tracing::warn!(error = %e, "could not store a chunk in the cache");
+            }
+        }
+        out.push((id, data));
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_recipe(
+    recipe: &Recipe,
+    path: &Path,
+    local: &HashMap<ChunkId, Location>,
+    cache: Option<&ChunkCache>,
+    cached: HashSet<ChunkId>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<(ChunkId, Vec<u8>)>>,
+    stats: &Stats,
+    what: &str,
+) -> Result<()> {
+    let mut sink = FileSink::open(path)?;
+    let mut written: HashMap<ChunkId, u64> = HashMap::new();
+    let mut pending: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+    let mut files = OpenFiles::default();
+    for entry in &recipe.entries {
+        let (len, id) = match entry {
+            RecipeEntry::Zero { len } => {
+                sink.append_zeros(u64::from(*len));
+                stats.add(Counter::WorkDone, u64::from(*len));
+                continue;
+            }
+            RecipeEntry::Data { len, id } => (*len, *id),
+        };
+        let data = if let Some(&at) = written.get(&id) {
+            let mut buf = vec![0u8; len as usize];
+            sink.file().read_exact_at(&mut buf, at).map_err(|e| Error::io("reading back", path, e))?;
+            buf
+        } else if let Some(loc) = local.get(&id) {
+            stats.add(Counter::ChunksLocal, 1);
+            stats.add(Counter::BytesLocal, u64::from(len));
+            loc.read(&id, &mut files)?
+        } else if cached.contains(&id) {
+            let data = cache.expect("cached ids come from a cache").read(&id)?;
+            stats.add(Counter::ChunksLocal, 1);
+            stats.add(Counter::BytesLocal, u64::from(len));
+            data
+        } else {
+            loop {
+                if let Some(d) = pending.remove(&id) {
+                    break d;
+                }
+                match rx.blocking_recv() {
+                    Some(batch) => pending.extend(batch),
+                    None => return Err(Error::integrity(what, format!("chunk {id} never arrived"))),
+                }
+            }
+        };
+        if data.len() != len as usize {
+            return Err(Error::integrity(
+                what,
+                format!("chunk {id} has {} bytes, the recipe says {len}", data.len()),
+            ));
+        }
+        written.insert(id, sink.offset());
+        sink.append(&data)?;
+        stats.add(Counter::WorkDone, u64::from(len));
+    }
+    sink.finish(recipe.size, &recipe.digest, what)
+}
+
+enum Piece {
+    Data(Bytes),
+    Restart,
+}
+
+/// Downloads the blob with plain `GET`s, resuming with a Range request when the answer
+/// breaks off, and writes it with holes for zero blocks.
+pub(crate) async fn download(registry: &Registry, target: &Target<'_>) -> Result<()> {
+    let stats = registry.stats().clone();
+    stats.add(Counter::WorkTotal, target.size);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(16);
+    let (path, what, size, digest) =
+        (target.temp.to_path_buf(), target.what.clone(), target.size, target.digest);
+    let st = stats.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut sink = FileSink::open(&path)?;
+        while let Some(piece) = rx.blocking_recv() {
+            match piece {
+                Piece::Data(b) => {
+                    sink.append(&b)?;
+                    st.add(Counter::WorkDone, b.len() as u64);
+                }
+                Piece::Restart => sink.reset()?,
+            }
+        }
+        sink.finish(size, &digest, &what)
+    });
+    let fetched = fetch_pieces(registry, target, &tx).await;
+    drop(tx);
+    let written = writer.await.expect("writer task");
+    fetched?;
+    written?;
+    stats.add(Counter::BlobsTransferred, 1);
+    Ok(())
+}
+
+async fn fetch_pieces(
+    registry: &Registry,
+    target: &Target<'_>,
+    tx: &tokio::sync::mpsc::Sender<Piece>,
+) -> Result<()> {
+    let policy = registry.transport.retry();
+    let mut received = 0u64;
+    let mut retries = 0u32;
+    let op = format!("GET blob {}/{}@{}", registry.host(), target.repository, target.digest);
+    'request: loop {
+        let mut resp = match registry.blob_response(target.repository, &target.digest, received).await {
+            Ok(r) => r,
+            Err(e) if is_retryable(&e) && retries + 1 < policy.attempts => {
+                retries += 1;
+                tokio::time::sleep(policy.base_delay * (1 << retries.min(10))).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if received > 0 && resp.status() == StatusCode::OK {
+            // The registry ignored the Range: start over.
+            received = 0;
+            if tx.send(Piece::Restart).await.is_err() {
+                return Ok(()); // the writer stopped; its error is the one to report
+            }
+        }
+        loop {
+            match registry.transport.next_piece(&op, &mut resp).await {
+                Ok(Some(b)) => {
+                    received += b.len() as u64;
+                    if received > target.size {
+                        return Err(Error::integrity(
+                            &target.what,
+                            format!(
+                                "the registry sent more than the {} bytes the manifest declares",
+                                target.size
+                            ),
+                        ));
+                    }
+                    if tx.send(Piece::Data(b)).await.is_err() {
+                        return Ok(()); // the writer stopped; its error is the one to report
+                    }
+                }
+                Ok(None) if received < target.size => {
+                    return Err(Error::integrity(
+                        &target.what,
+                        format!("the download ended after {received} of {} bytes", target.size),
+                    ));
+                }
+                Ok(None) => return Ok(()),
+                Err(Error::Transport { source, .. }) => {
+                    if retries + 1 >= policy.attempts {
+                        return Err(Error::integrity(
+                            &target.what,
+                            format!(
+                                "the download broke off after {received} of {} bytes, {} times ({source})",
+                                target.size,
+                                retries + 1
+                            ),
+                        ));
+                    }
+                    retries += 1;
+                    tokio::time::sleep(policy.base_delay * (1 << retries.min(10))).await;
+                    continue 'request;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

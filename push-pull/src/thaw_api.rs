@@ -1,0 +1,162 @@
+//! The `_thaw` extension calls (docs/API.md): missing-chunk queries, chunk batch upload and
+//! fetch, recipe commit and read. Everything that comes back is checked before use.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use reqwest::{Method, StatusCode};
+use thaw_schema::batch::parse_batch;
+use thaw_schema::dto::{
+    ChunkUploadResponse, FetchChunksRequest, MissingChunksRequest, MissingChunksResponse, MAX_IDS_PER_QUERY,
+};
+use thaw_schema::frame::EncodedChunk;
+use thaw_schema::{media, ChunkId, Recipe, Sha256Digest};
+
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::transport::{Body, Request, Scope};
+
+/// Largest recipe accepted (the registry's limit too).
+const MAX_RECIPE_LEN: usize = 64 * 1024 * 1024;
+/// Largest chunk batch answer accepted (the registry's batch limit).
+const MAX_BATCH_LEN: usize = 64 * 1024 * 1024;
+
+impl Registry {
+    /// Of `ids`, those the registry does not store. Asked in queries of at most 100,000 ids.
+    pub(crate) async fn missing_chunks(&self, repository: &str, ids: &[ChunkId]) -> Result<HashSet<ChunkId>> {
+        let op = format!("asking {}/{repository} which chunks it lacks", self.host());
+        let mut missing = HashSet::new();
+        for part in ids.chunks(MAX_IDS_PER_QUERY) {
+            let body =
+                serde_json::to_vec(&MissingChunksRequest { chunks: part.to_vec() }).expect("serializes");
+            let req = Request::new(
+                Method::POST,
+                self.transport.url(&format!("/v2/{repository}/_thaw/chunks/missing")),
+                Scope::Push(repository.to_owned()),
+            )
+            .header("content-type", "application/json")
+            .body(Body::Bytes(Bytes::from(body)))
+            .idempotent(true);
+            let (_, answer) = self.transport.fetch_all(&op, &req, &[200], 16 * 1024 * 1024).await?;
+            let answer: MissingChunksResponse = serde_json::from_slice(&answer)
+                .map_err(|e| Error::protocol(&op, format!("malformed answer: {e}")))?;
+            let asked: HashSet<&ChunkId> = part.iter().collect();
+            if let Some(stranger) = answer.missing.iter().find(|id| !asked.contains(id)) {
+                return Err(Error::protocol(
+                    &op,
+                    format!("the answer names chunk {stranger}, which was not asked about"),
+                ));
+            }
+            missing.extend(answer.missing);
+        }
+        Ok(missing)
+    }
+
+    /// Uploads one chunk batch body (`count` chunks). Repeating it is harmless.
+    pub(crate) async fn upload_chunk_batch(
+        &self,
+        repository: &str,
+        body: Bytes,
+        count: usize,
+    ) -> Result<ChunkUploadResponse> {
+        let op = format!("uploading {count} chunks to {}/{repository}", self.host());
+        let req = Request::new(
+            Method::POST,
+            self.transport.url(&format!("/v2/{repository}/_thaw/chunks")),
+            Scope::Push(repository.to_owned()),
+        )
+        .header("content-type", media::CHUNK_BATCH)
+        .body(Body::Bytes(body))
+        .idempotent(true);
+        let (_, answer) = self.transport.fetch_all(&op, &req, &[200], 64 * 1024).await?;
+        let answer: ChunkUploadResponse = serde_json::from_slice(&answer)
+            .map_err(|e| Error::protocol(&op, format!("malformed answer: {e}")))?;
+        if answer.stored + answer.present != count {
+            return Err(Error::protocol(
+                &op,
+                format!(
+                    "the registry accounted for {} chunks, {count} were sent",
+                    answer.stored + answer.present
+                ),
+            ));
+        }
+        Ok(answer)
+    }
+
+    /// Commits a blob from its recipe: the registry checks every chunk and the whole digest.
+    pub(crate) async fn commit_recipe(&self, repository: &str, recipe: &Recipe) -> Result<()> {
+        let digest = recipe.digest;
+        let op = format!("committing blob {digest} to {}/{repository}", self.host());
+        let req = Request::new(
+            Method::PUT,
+            self.transport.url(&format!("/v2/{repository}/_thaw/blobs/{digest}")),
+            Scope::Push(repository.to_owned()),
+        )
+        .header("content-type", media::RECIPE)
+        .body(Body::Bytes(Bytes::from(recipe.encode())));
+        let resp = self.transport.send(&op, &req).await?;
+        self.transport.expect(&op, resp, &[201]).await?;
+        Ok(())
+    }
+
+    /// The recipe of a blob readable in `repository`, checked to be the blob's; `None` when
+    /// the registry has no recipe for it.
+    pub async fn recipe(&self, repository: &str, digest: &Sha256Digest) -> Result<Option<Recipe>> {
+        let op = format!("GET recipe of {}/{repository}@{digest}", self.host());
+        let req = Request::new(
+            Method::GET,
+            self.transport.url(&format!("/v2/{repository}/_thaw/blobs/{digest}/recipe")),
+            Scope::Pull(repository.to_owned()),
+        );
+        let body = match self.transport.fetch_all(&op, &req, &[200], MAX_RECIPE_LEN).await {
+            Ok((_, body)) => body,
+            Err(Error::Registry { status, .. }) if status == StatusCode::NOT_FOUND.as_u16() => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let recipe = Recipe::decode(&body)
+            .map_err(|e| Error::integrity(format!("recipe of {digest}"), e.to_string()))?;
+        if recipe.digest != *digest {
+            return Err(Error::integrity(
+                format!("recipe of {digest}"),
+                format!("the registry sent the recipe of {}", recipe.digest),
+            ));
+        }
+        Ok(Some(recipe))
+    }
+
+    /// Fetches chunks of `blob`, in order. The answer is checked to hold exactly the chunks
+    /// asked for, in order; their content is checked by the caller (`EncodedChunk::decode`).
+    pub(crate) async fn fetch_chunks(
+        &self,
+        repository: &str,
+        blob: &Sha256Digest,
+        ids: &[ChunkId],
+    ) -> Result<Vec<(ChunkId, EncodedChunk)>> {
+        let op = format!("fetching {} chunks of {}/{repository}@{blob}", ids.len(), self.host());
+        let body = serde_json::to_vec(&FetchChunksRequest { blob: *blob, chunks: ids.to_vec() })
+            .expect("serializes");
+        let req = Request::new(
+            Method::POST,
+            self.transport.url(&format!("/v2/{repository}/_thaw/chunks/fetch")),
+            Scope::Pull(repository.to_owned()),
+        )
+        .header("content-type", "application/json")
+        .body(Body::Bytes(Bytes::from(body)))
+        .idempotent(true);
+        let (_, answer) = self.transport.fetch_all(&op, &req, &[200], MAX_BATCH_LEN).await?;
+        let chunks = parse_batch(&answer)
+            .map_err(|e| Error::integrity(&op, format!("{e} (the answer may be truncated)")))?;
+        if chunks.len() != ids.len() {
+            return Err(Error::integrity(
+                &op,
+                format!("{} chunks asked for, {} received", ids.len(), chunks.len()),
+            ));
+        }
+        if let Some(((got, _), want)) = chunks.iter().zip(ids).find(|((got, _), want)| got != *want) {
+            return Err(Error::integrity(&op, format!("chunk {got} received where {want} was asked for")));
+        }
+        Ok(chunks)
+    }
+}

@@ -1,0 +1,519 @@
+//! Chunks: written into packs by a [`ChunkWriter`], located through the in-memory index,
+//! read back a window at a time with a few ranged GETs.
+//!
+//! Request budget (docs/DECISIONS.md D6): storing new chunks costs two PUTs per pack (the
+//! pack, then its index), one pack per `DEFAULT_PACK_TARGET` bytes; asking which chunks
+//! exist costs nothing when the index knows them all, and otherwise one LIST plus one GET
+//! per pack index not read before; reading costs, per `WINDOW_BYTES` of frames, one GET
+//! per pack the window touches (more when its frames lie far apart in that pack).
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, FuturesUnordered};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::PutPayload;
+use thaw_schema::frame::EncodedChunk;
+use thaw_schema::ChunkId;
+
+use super::index::Location;
+use super::pack::{self, PackBuilder, PackId};
+use super::{corrupt, keys, Result, Store, StoreError};
+
+/// A writer closes its pack once it holds this many bytes: 16 MiB keeps a pack's PUT
+/// short on a slow link and its buffer cheap, while cutting requests ~250-fold against
+/// one object per 64 KiB chunk (the measurement is in docs/DECISIONS.md D6).
+pub const DEFAULT_PACK_TARGET: usize = 16 << 20;
+/// Packs of one writer being uploaded at once (each holds up to a pack of memory).
+const FLUSHES_IN_FLIGHT: usize = 2;
+/// Frames of one pack at most this far apart are read with one GET (the bytes between are
+/// read and dropped).
+const MAX_GAP: u64 = 256 << 10;
+/// Largest single ranged GET.
+const MAX_READ: u64 = 8 << 20;
+/// A reader plans its GETs over windows of this many frame bytes (or `WINDOW_CHUNKS`
+/// frames), and holds about `WINDOWS_AHEAD` windows in memory.
+const WINDOW_BYTES: u64 = 16 << 20;
+const WINDOW_CHUNKS: usize = 4096;
+const WINDOWS_AHEAD: usize = 2;
+/// Ranged GETs of one window in flight at once.
+const READ_AHEAD: usize = 4;
+/// Pack indexes read at once while refreshing the chunk index.
+const INDEX_READS: usize = 16;
+/// An incremental refresh re-lists the indexes of packs created up to this long before the
+/// newest one it has seen: packs are named by their writer's clock when the writer starts
+/// them, so an index can appear after ones with later names (slow uploads, clock skew
+/// between replicas). One missed by this margin only costs a duplicate upload of its chunks.
+const LIST_MARGIN: Duration = Duration::from_secs(15 * 60);
+
+/// How far index refreshes got.
+#[derive(Debug, Default)]
+pub(crate) struct RefreshState {
+    /// When the last refresh that completed had started.
+    last_started: Option<Instant>,
+    /// Creation time of the newest pack seen, in unix milliseconds.
+    newest_millis: Option<u64>,
+}
+
+impl Store {
+    // ---- the index ----
+
+    /// True when the in-memory index knows the chunk (no I/O; may say false for a stored
+    /// chunk, never true for a missing one).
+    pub fn is_known_chunk(&self, id: &ChunkId) -> bool {
+        self.index.read().expect("index lock").contains(id)
+    }
+
+    fn locate(&self, id: &ChunkId) -> Option<(PackId, Location)> {
+        let index = self.index.read().expect("index lock");
+        index.get(id).map(|loc| (index.pack(loc.pack).clone(), loc))
+    }
+
+    /// Brings the chunk index up to date with every pack index visible in the bucket at
+    /// `asked_at` or later. Concurrent callers share one refresh: a caller whose question
+    /// is older than a refresh that completed meanwhile returns at once.
+    pub async fn refresh_index(&self, asked_at: Instant) -> Result<()> {
+        let mut state = self.refresh.lock().await;
+        if state.last_started.is_some_and(|t| t >= asked_at) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let dir = Path::from(keys::PACK_INDEXES);
+        let listing = match state.newest_millis {
+            None => self.objects.list(Some(&dir)),
+            Some(newest) => {
+                let floor = newest.saturating_sub(LIST_MARGIN.as_millis() as u64);
+                let offset = Path::from(format!("{}/{}", keys::PACK_INDEXES, PackId::floor_of(floor)));
+                self.objects.list_with_offset(Some(&dir), &offset)
+            }
+        };
+        let listed: Vec<PackId> = listing
+            .try_filter_map(|meta| async move { Ok(meta.location.filename().and_then(PackId::parse)) })
+            .try_collect()
+            .await?;
+        let newest = listed.iter().map(PackId::millis).max();
+        let unseen: Vec<PackId> = {
+            let index = self.index.read().expect("index lock");
+            listed.into_iter().filter(|p| !index.has_seen(p)).collect()
+        };
+        let loaded: Vec<(PackId, Option<Vec<pack::IndexEntry>>)> = futures::stream::iter(unseen)
+            .map(|id| async move {
+                let key = keys::pack_index(&id);
+                let bytes = match self.objects.get(&key).await {
+                    Ok(r) => r.bytes().await?,
+                    // Listed, then gone: only GC deletes indexes, and then the pack is gone too.
+                    Err(object_store::Error::NotFound { .. }) => return Ok((id, None)),
+                    Err(e) => return Err(StoreError::from(e)),
+                };
+                match pack::decode_index(&bytes) {
+                    Ok(entries) => Ok((id, Some(entries))),
+                    Err(why) => {
+                        tracing::error!(key = %key, why, "unreadable pack index: its chunks are treated as absent");
+                        Ok((id, None))
+                    }
+                }
+            })
+            .buffer_unordered(INDEX_READS)
+            .try_collect()
+            .await?;
+        let mut index = self.index.write().expect("index lock");
+        for (id, entries) in loaded {
+            match entries {
+                Some(entries) => index.insert(id, &entries),
+                None => index.skip(id),
+            }
+        }
+        tracing::debug!(chunks = index.len(), "chunk index refreshed");
+        drop(index);
+        // With nothing stored yet this stays `None`: the next refresh lists everything,
+        // which is still one request.
+        state.newest_millis = state.newest_millis.max(newest);
+        state.last_started = Some(started);
+        Ok(())
+    }
+
+    /// For each id, whether the chunk is stored. Ids the index does not know cost one index
+    /// refresh (one LIST, plus one GET per pack index not read before) for the whole call.
+    pub async fn which_present(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
+        let asked_at = Instant::now();
+        let mut present: Vec<bool> = ids.iter().map(|id| self.is_known_chunk(id)).collect();
+        if present.iter().all(|p| *p) {
+            return Ok(present);
+        }
+        self.refresh_index(asked_at).await?;
+        for (p, id) in present.iter_mut().zip(ids) {
+            *p = *p || self.is_known_chunk(id);
+        }
+        Ok(present)
+    }
+
+    /// True when the chunk is stored.
+    pub async fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.which_present(std::slice::from_ref(id)).await?[0])
+    }
+
+    /// Locations of `ids`, refreshing the index once if some are unknown. An id stored
+    /// nowhere is an error: callers read chunks that a committed recipe references.
+    async fn locate_all(&self, ids: &[ChunkId]) -> Result<Vec<(PackId, Location)>> {
+        let asked_at = Instant::now();
+        if ids.iter().any(|id| !self.is_known_chunk(id)) {
+            self.refresh_index(asked_at).await?;
+        }
+        ids.iter()
+            .map(|id| {
+                self.locate(id).ok_or_else(|| StoreError::Corrupt {
+                    key: format!("chunk {id}"),
+                    why: "referenced chunk is not stored".into(),
+                })
+            })
+            .collect()
+    }
+
+    // ---- writing ----
+
+    /// A writer that packs new chunks (see [`ChunkWriter`]).
+    pub fn chunk_writer(self: &Arc<Self>) -> ChunkWriter {
+        ChunkWriter {
+            store: self.clone(),
+            current: PackBuilder::new(),
+            taken: HashSet::new(),
+            flushes: FuturesUnordered::new(),
+            stored: 0,
+        }
+    }
+
+    /// Stores verified chunks (those not already stored), in as few packs as fit; returns
+    /// how many were new.
+    pub async fn store_chunks(self: &Arc<Self>, chunks: &[(ChunkId, EncodedChunk)]) -> Result<usize> {
+        let mut writer = self.chunk_writer();
+        for (id, chunk) in chunks {
+            writer.add(*id, chunk).await?;
+        }
+        writer.finish().await
+    }
+
+    /// Uploads one pack, then its index, then makes its chunks known. Packs have fresh
+    /// names, so a retried PUT rewrites the same bytes: safe without conditional writes.
+    async fn write_pack(&self, pack: PackBuilder) -> Result<()> {
+        let (body, entries) = pack.finish();
+        let id = PackId::generate();
+        self.objects.put(&keys::pack(&id), PutPayload::from(body)).await?;
+        self.objects.put(&keys::pack_index(&id), PutPayload::from(pack::encode_index(&entries))).await?;
+        self.index.write().expect("index lock").insert(id, &entries);
+        Ok(())
+    }
+
+    // ---- reading ----
+
+    /// The stored frames of `ids`, in order, unverified (callers decode with the id, which
+    /// verifies). Neighbouring frames are fetched together.
+    pub fn chunk_frames(
+        self: &Arc<Self>,
+        ids: Vec<ChunkId>,
+    ) -> BoxStream<'static, Result<(ChunkId, EncodedChunk)>> {
+        self.planned_reads(ids, false)
+            .map_ok(|frames| futures::stream::iter(frames.into_iter().map(|(id, frame, _)| Ok((id, frame)))))
+            .try_flatten()
+            .boxed()
+    }
+
+    /// The content of `ids`, in order, each decoded and verified against its id.
+    pub fn read_chunks(self: &Arc<Self>, ids: Vec<ChunkId>) -> BoxStream<'static, Result<Bytes>> {
+        self.planned_reads(ids, true)
+            .map_ok(|frames| {
+                futures::stream::iter(frames.into_iter().map(|(_, _, data)| Ok(data.expect("decoded"))))
+            })
+            .try_flatten()
+            .boxed()
+    }
+
+    /// Reads `ids` window by window (`WINDOW_BYTES` of frames each, two windows ahead):
+    /// each window is fetched with the few ranged GETs [`pack::plan_window`] plans, and
+    /// yields its frames in request order (and, with `decode`, their verified content,
+    /// decoded off the async threads).
+    #[allow(clippy::type_complexity)]
+    fn planned_reads(
+        self: &Arc<Self>,
+        ids: Vec<ChunkId>,
+        decode: bool,
+    ) -> BoxStream<'static, Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>>> {
+        let store = self.clone();
+        let setup = async move {
+            let located = store.locate_all(&ids).await?;
+            let mut windows: Vec<Vec<(ChunkId, PackId, Range<u64>)>> = Vec::new();
+            let mut bytes = 0u64;
+            for (id, (pack, loc)) in ids.into_iter().zip(located) {
+                let fits = windows
+                    .last()
+                    .is_some_and(|w| w.len() < WINDOW_CHUNKS && bytes + u64::from(loc.len) <= WINDOW_BYTES);
+                if !fits {
+                    windows.push(Vec::new());
+                    bytes = 0;
+                }
+                bytes += u64::from(loc.len);
+                windows.last_mut().expect("a window").push((id, pack, loc.range()));
+            }
+            let store = store.clone();
+            Ok::<_, StoreError>(
+                futures::stream::iter(windows)
+                    .map(move |window| {
+                        let store = store.clone();
+                        async move { store.fetch_window(window, decode).await }
+                    })
+                    .buffered(WINDOWS_AHEAD),
+            )
+        };
+        futures::stream::once(setup).try_flatten().boxed()
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn fetch_window(
+        &self,
+        wanted: Vec<(ChunkId, PackId, Range<u64>)>,
+        decode: bool,
+    ) -> Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>> {
+        let frames: Vec<(PackId, Range<u64>)> =
+            wanted.iter().map(|(_, p, r)| (p.clone(), r.clone())).collect();
+        let plan = pack::plan_window(&frames, MAX_GAP, MAX_READ);
+        let bodies: Vec<Bytes> = futures::stream::iter(plan.reads)
+            .map(|(pack, range)| async move {
+                let key = keys::pack(&pack);
+                let bytes = self.objects.get_range(&key, range.clone()).await?;
+                if bytes.len() as u64 != range.end - range.start {
+                    return Err(corrupt(&key, format!("range {range:?} returned {} bytes", bytes.len())));
+                }
+                Ok(bytes)
+            })
+            .buffered(READ_AHEAD)
+            .try_collect()
+            .await?;
+        let parse = move || -> Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>> {
+            wanted
+                .into_iter()
+                .zip(plan.picks)
+                .map(|((id, pack, _), (n, r))| {
+                    let key = || keys::pack(&pack);
+                    let frame = EncodedChunk::from_frame(&bodies[n][r]).map_err(|e| corrupt(&key(), e))?;
+                    let data = if decode {
+                        Some(Bytes::from(frame.decode(&id).map_err(|e| corrupt(&key(), e))?))
+                    } else {
+                        None
+                    };
+                    Ok((id, frame, data))
+                })
+                .collect()
+        };
+        if decode {
+            tokio::task::spawn_blocking(parse).await.map_err(|e| StoreError::Corrupt {
+                key: keys::PACKS.to_owned(),
+                why: format!("decoding task failed: {e}"),
+            })?
+        } else {
+            parse()
+        }
+    }
+
+    /// A chunk's stored frame, unverified: `None` when it is not stored.
+    pub async fn get_chunk(self: &Arc<Self>, id: &ChunkId) -> Result<Option<EncodedChunk>> {
+        if !self.has_chunk(id).await? {
+            return Ok(None);
+        }
+        let mut frames = self.chunk_frames(vec![*id]);
+        Ok(frames.try_next().await?.map(|(_, frame)| frame))
+    }
+
+    /// Reads a chunk and verifies its content against its id.
+    pub async fn read_chunk(self: &Arc<Self>, id: &ChunkId) -> Result<Bytes> {
+        let mut chunks = self.read_chunks(vec![*id]);
+        chunks.try_next().await?.ok_or_else(|| StoreError::Corrupt {
+            key: format!("chunk {id}"),
+            why: "referenced chunk is missing".into(),
+        })
+    }
+}
+
+/// Collects new chunks into packs and uploads each pack as it fills, a couple at a time
+/// (backpressure for the caller: `add` waits while `FLUSHES_IN_FLIGHT` packs upload).
+/// Chunks the index knows, and chunks added before, are skipped. Nothing is stored until
+/// a pack is full or [`ChunkWriter::finish`] runs; a writer dropped before `finish` may
+/// leave the packs it had started uploading (unreferenced, harmless).
+pub struct ChunkWriter {
+    store: Arc<Store>,
+    current: PackBuilder,
+    taken: HashSet<ChunkId>,
+    flushes: FuturesUnordered<tokio::task::JoinHandle<Result<()>>>,
+    stored: usize,
+}
+
+impl ChunkWriter {
+    /// Adds a verified chunk; returns false when it is already stored or added.
+    pub async fn add(&mut self, id: ChunkId, chunk: &EncodedChunk) -> Result<bool> {
+        if self.store.is_known_chunk(&id) || !self.taken.insert(id) {
+            return Ok(false);
+        }
+        self.current.push(id, chunk.codec as u8, chunk.raw_len, &chunk.payload);
+        self.stored += 1;
+        if self.current.len() >= self.store.pack_target {
+            self.flush().await?;
+        }
+        Ok(true)
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        let pack = std::mem::replace(&mut self.current, PackBuilder::new());
+        while self.flushes.len() >= FLUSHES_IN_FLIGHT {
+            self.next_flush().await?;
+        }
+        let store = self.store.clone();
+        self.flushes.push(tokio::spawn(async move { store.write_pack(pack).await }));
+        Ok(())
+    }
+
+    async fn next_flush(&mut self) -> Result<()> {
+        match self.flushes.next().await {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(e)) => Err(StoreError::Backend(object_store::Error::Generic {
+                store: "pack writer",
+                source: Box::new(e),
+            })),
+        }
+    }
+
+    /// Uploads what is left and waits for every pack; returns how many chunks were new.
+    pub async fn finish(mut self) -> Result<usize> {
+        if !self.current.is_empty() {
+            self.flush().await?;
+        }
+        while !self.flushes.is_empty() {
+            self.next_flush().await?;
+        }
+        Ok(self.stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use object_store::memory::InMemory;
+    use object_store::{
+        GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
+        PutOptions, PutResult,
+    };
+
+    use super::*;
+    use crate::storage::metrics::{Counted, StorageMetrics};
+
+    /// Lets `puts_left` PUTs through, then fails every PUT (the S3 server went away).
+    #[derive(Debug)]
+    struct FailingPuts {
+        inner: InMemory,
+        puts_left: AtomicUsize,
+    }
+
+    impl std::fmt::Display for FailingPuts {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("FailingPuts")
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for FailingPuts {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            let left = self.puts_left.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(object_store::Error::Generic { store: "test", source: "S3 is gone".into() });
+            }
+            self.puts_left.store(left - 1, Ordering::SeqCst);
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        async fn delete(&self, location: &Path) -> object_store::Result<()> {
+            self.inner.delete(location).await
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+            self.inner.copy(from, to).await
+        }
+        async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+            self.inner.copy_if_not_exists(from, to).await
+        }
+    }
+
+    fn chunks(n: usize) -> Vec<(ChunkId, EncodedChunk)> {
+        (0..n)
+            .map(|i| {
+                let data: Vec<u8> = (0..30_000u32).map(|j| (j as usize * 7 + i * 13) as u8).collect();
+                (ChunkId::of(&data), EncodedChunk::compress(&data, 1))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_pack_or_index_write_never_makes_chunks_known() {
+        // 0: the pack PUT fails; 1: the pack lands, its index PUT fails.
+        for puts_left in [0, 1] {
+            let objects =
+                Arc::new(FailingPuts { inner: InMemory::new(), puts_left: AtomicUsize::new(puts_left) });
+            let store = Arc::new(Store::new(objects.clone()));
+            let set = chunks(5);
+            assert!(
+                store.store_chunks(&set).await.is_err(),
+                "the write must fail ({puts_left} PUTs allowed)"
+            );
+            let ids: Vec<ChunkId> = set.iter().map(|(id, _)| *id).collect();
+            assert!(ids.iter().all(|id| !store.is_known_chunk(id)));
+            let cold = Store::new(objects);
+            assert_eq!(cold.which_present(&ids).await.unwrap(), vec![false; 5], "{puts_left} PUTs allowed");
+        }
+    }
+
+    #[tokio::test]
+    async fn storing_and_reading_many_chunks_takes_few_requests() {
+        let metrics = StorageMetrics::new();
+        let store = Arc::new(Store::new(Arc::new(Counted::new(Arc::new(InMemory::new()), metrics.clone()))));
+        let set = chunks(100);
+        let ids: Vec<ChunkId> = set.iter().map(|(id, _)| *id).collect();
+
+        let before = metrics.snapshot();
+        assert_eq!(store.which_present(&ids).await.unwrap(), vec![false; 100]);
+        assert_eq!(store.store_chunks(&set).await.unwrap(), 100);
+        let write = metrics.snapshot().since(&before);
+        assert_eq!((write.lists, write.puts, write.requests()), (1, 2, 3), "one LIST, one pack, one index");
+
+        let before = metrics.snapshot();
+        assert_eq!(store.which_present(&ids).await.unwrap(), vec![true; 100]);
+        let mut backwards = ids.clone();
+        backwards.reverse();
+        backwards.extend_from_slice(&ids[..10]);
+        let read: Vec<Bytes> = store.read_chunks(backwards).try_collect().await.unwrap();
+        assert_eq!(read.len(), 110);
+        let reading = metrics.snapshot().since(&before);
+        assert_eq!((reading.gets, reading.requests()), (1, 1), "110 chunks of one pack: one ranged GET");
+    }
+}
