@@ -1,6 +1,9 @@
 //! Parsing request paths into routes. Repository names contain slashes, so paths are
 //! matched from their end, and the name is validated before anything touches storage.
+//! Registry-wide paths (`_catalog`, `_oci/…`, `_thaw/nodes…`) are matched first, by their
+//! start: a repository name cannot begin with `_`, so none of them is a repository.
 
+use thaw_schema::holdings::validate_node_name;
 use thaw_schema::names::is_valid_repository_name;
 use thaw_schema::{ErrorCode, Sha256Digest};
 
@@ -15,6 +18,13 @@ pub enum Route {
     Catalog,
     /// `/v2/_oci/ext/discover`
     Discover,
+    /// `/v2/_thaw/nodes`
+    NodeDirectory,
+    /// `/v2/_thaw/nodes/<node>`
+    Node {
+        /// The node name, validated.
+        node: String,
+    },
     /// `/v2/<name>/manifests/<reference>`
     Manifest {
         /// Repository.
@@ -118,7 +128,11 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
     match rest {
         "_catalog" => return Ok(Route::Catalog),
         "_oci/ext/discover" => return Ok(Route::Discover),
+        "_thaw/nodes" => return Ok(Route::NodeDirectory),
         _ => {}
+    }
+    if let Some(thaw) = rest.strip_prefix("_thaw/") {
+        return parse_registry_wide_thaw(path, thaw);
     }
     let mut segs: Vec<String> =
         rest.split('/').map(percent_decode).collect::<Option<_>>().ok_or_else(|| not_found(path))?;
@@ -168,6 +182,23 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
         return Err(not_found(path));
     };
     Ok(route)
+}
+
+/// `/v2/_thaw/<thaw>`: only `nodes/<node>` is left once `nodes` itself is matched. The node
+/// name becomes a storage key, so it is percent-decoded and validated here: a decoded `/`,
+/// `..` or any character outside a DNS subdomain is 400 `NAME_INVALID`.
+fn parse_registry_wide_thaw(path: &str, thaw: &str) -> Result<Route, ApiError> {
+    let Some(segment) = thaw.strip_prefix("nodes/").filter(|s| !s.is_empty() && !s.contains('/')) else {
+        return Err(not_found(path));
+    };
+    let invalid = |node: &str, why: String| {
+        ApiError::new(ErrorCode::NameInvalid, format!("invalid node name {node:?}: {why}"))
+            .with_detail(serde_json::json!({ "node": node }))
+    };
+    let node = percent_decode(segment)
+        .ok_or_else(|| invalid(segment, "it is not a single percent-decodable path segment".into()))?;
+    validate_node_name(&node).map_err(|e| invalid(&node, e.why.to_owned()))?;
+    Ok(Route::Node { node })
 }
 
 /// Parses a digest from a path or query, as 400 `DIGEST_INVALID` on failure.
@@ -233,5 +264,38 @@ mod tests {
         assert_eq!(parse(&long).unwrap_err().code(), ErrorCode::NameInvalid);
         assert!(parse("/v3/x").is_err());
         assert!(parse("/v2/x/manifests/").is_err());
+    }
+
+    #[test]
+    fn node_paths_are_registry_wide() {
+        assert_eq!(parse("/v2/_thaw/nodes").unwrap(), Route::NodeDirectory);
+        assert_eq!(
+            parse("/v2/_thaw/nodes/node-1.example").unwrap(),
+            Route::Node { node: "node-1.example".into() }
+        );
+        assert_eq!(parse("/v2/_thaw/nodes/n%2d1").unwrap(), Route::Node { node: "n-1".into() });
+        for bad in [
+            "/v2/_thaw/nodes/..",
+            "/v2/_thaw/nodes/a%2Fb",
+            "/v2/_thaw/nodes/Node",
+            "/v2/_thaw/nodes/%2e%2e",
+            "/v2/_thaw/nodes/a%zz",
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code(), ErrorCode::NameInvalid, "{bad}");
+        }
+        // Not node routes, and not repositories either (no repository name starts with `_`).
+        for unknown in [
+            "/v2/_thaw/nodes/",
+            "/v2/_thaw/nodes/a/b",
+            "/v2/_thaw",
+            "/v2/_thaw/other",
+            "/v2/_thaw/nodes/a/manifests/x",
+        ] {
+            assert_eq!(parse(unknown).unwrap_err().status(), axum::http::StatusCode::NOT_FOUND, "{unknown}");
+        }
+        assert_eq!(
+            parse("/v2/_thaw/manifests/latest").unwrap_err().status(),
+            axum::http::StatusCode::NOT_FOUND
+        );
     }
 }

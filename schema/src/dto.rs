@@ -7,6 +7,10 @@ use crate::{ChunkId, Sha256Digest};
 /// Most chunk ids one missing-chunks or fetch query may name.
 pub const MAX_IDS_PER_QUERY: usize = 100_000;
 
+/// Largest body of `PUT /v2/_thaw/nodes/<node>` (a `holdings::NodeHoldings` record):
+/// 1,024 snapshots of ~300 bytes each fit with room to spare.
+pub const MAX_NODE_RECORD_LEN: usize = 1024 * 1024;
+
 /// Body of `POST /v2/<name>/_thaw/chunks/missing`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -15,6 +15,7 @@ pub mod digest;
 pub mod dto;
 pub mod error;
 pub mod frame;
+pub mod holdings;
 pub mod manifest;
 pub mod media;
 pub mod names;

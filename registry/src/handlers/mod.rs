@@ -3,6 +3,7 @@
 
 mod blobs;
 mod manifests;
+mod nodes;
 mod thaw;
 
 use std::collections::HashMap;
@@ -73,6 +74,10 @@ async fn handle(state: &Arc<AppState>, route: Route, req: Request) -> ApiResult<
         (Route::Base, M::GET | M::HEAD) => Ok(StatusCode::OK.into_response()),
         (Route::Catalog, M::GET) => manifests::catalog(state, req).await,
         (Route::Discover, M::GET) => Ok(thaw::discover()),
+        (Route::NodeDirectory, M::GET) => nodes::list(state).await,
+        (Route::Node { node }, M::GET) => nodes::get(state, &node).await,
+        (Route::Node { node }, M::PUT) => nodes::put(state, &node, req).await,
+        (Route::Node { node }, M::DELETE) => nodes::delete(state, &node).await,
         (Route::Manifest { name, reference }, M::GET | M::HEAD) => {
             manifests::get(state, &name, &reference, req.method == M::HEAD).await
         }

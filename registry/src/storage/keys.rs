@@ -10,6 +10,7 @@
 //! repositories/<name>/_manifests/tags/<tag>                tag; holds the manifest digest
 //! repositories/<name>/_referrers/sha256/<subject hex>/sha256/<64 hex>
 //!                                                          referrer descriptor (JSON)
+//! nodes/<node>                                             a node's latest holdings record (JSON), last writer wins
 //! ```
 //!
 //! Content (chunks, recipes, manifests) is global and content-addressed, so it is stored
@@ -18,6 +19,8 @@
 //! content it points to, which is what makes an interrupted write invisible. Repository
 //! names are validated before they reach here, and their grammar forbids `..`, empty
 //! components and leading `_`, so they cannot escape their subtree or collide with `_layers`.
+//! Node names are validated too (`thaw_schema::holdings::validate_node_name`: DNS subdomain
+//! characters only, no empty label), so `nodes/<node>` is always one key directly under `nodes/`.
 
 use object_store::path::Path;
 use thaw_schema::Sha256Digest;
@@ -27,6 +30,7 @@ use super::pack::PackId;
 pub(crate) const PACKS: &str = "chunks/packs";
 pub(crate) const PACK_INDEXES: &str = "chunks/index";
 pub(crate) const REPOSITORIES: &str = "repositories";
+pub(crate) const NODES: &str = "nodes";
 
 pub(crate) fn pack(id: &PackId) -> Path {
     Path::from(format!("{PACKS}/{id}"))
@@ -66,6 +70,10 @@ pub(crate) fn referrers_dir(repo: &str, subject: &Sha256Digest) -> Path {
 
 pub(crate) fn referrer(repo: &str, subject: &Sha256Digest, manifest: &Sha256Digest) -> Path {
     Path::from(format!("{REPOSITORIES}/{repo}/_referrers/sha256/{}/sha256/{}", subject.hex(), manifest.hex()))
+}
+
+pub(crate) fn node(name: &str) -> Path {
+    Path::from(format!("{NODES}/{name}"))
 }
 
 pub(crate) fn repository_root(repo: &str) -> Path {

@@ -9,6 +9,7 @@ mod chunks;
 mod index;
 pub(crate) mod keys;
 pub(crate) mod metrics;
+mod nodes;
 mod pack;
 
 use std::sync::{Arc, RwLock};
