@@ -7,7 +7,8 @@ use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 use thaw_schema::batch::parse_batch;
 use thaw_schema::dto::{
-    ChunkUploadResponse, FetchChunksRequest, MissingChunksRequest, MissingChunksResponse, MAX_IDS_PER_QUERY,
+    decode_missing_answer, encode_chunk_id_query, ChunkUploadResponse, FetchChunksRequest,
+    MissingChunksRequest, MissingChunksResponse, MAX_IDS_PER_QUERY,
 };
 use thaw_schema::frame::EncodedChunk;
 use thaw_schema::{media, ChunkId, Recipe, Sha256Digest};
@@ -22,34 +23,91 @@ const MAX_RECIPE_LEN: usize = 64 * 1024 * 1024;
 const MAX_BATCH_LEN: usize = 64 * 1024 * 1024;
 
 impl Registry {
-    /// Of `ids`, those the registry does not store. Asked in queries of at most 100,000 ids.
+    /// Of `ids`, those the registry does not store. Asked in queries of at most 100,000 ids,
+    /// in the binary form (32 bytes per id, docs/FORMAT.md) unless the registry refuses it
+    /// as a registry without it does (415, or 400 `UNSUPPORTED` from parsing it as JSON);
+    /// then in the JSON form (67 bytes per id) for the rest of the call.
     pub(crate) async fn missing_chunks(&self, repository: &str, ids: &[ChunkId]) -> Result<HashSet<ChunkId>> {
         let op = format!("asking {}/{repository} which chunks it lacks", self.host());
         let mut missing = HashSet::new();
+        let mut binary = true;
         for part in ids.chunks(MAX_IDS_PER_QUERY) {
-            let body =
-                serde_json::to_vec(&MissingChunksRequest { chunks: part.to_vec() }).expect("serializes");
-            let req = Request::new(
-                Method::POST,
-                self.transport.url(&format!("/v2/{repository}/_thaw/chunks/missing")),
-                Scope::Push(repository.to_owned()),
-            )
-            .header("content-type", "application/json")
-            .body(Body::Bytes(Bytes::from(body)))
-            .idempotent(true);
-            let (_, answer) = self.transport.fetch_all(&op, &req, &[200], 16 * 1024 * 1024).await?;
-            let answer: MissingChunksResponse = serde_json::from_slice(&answer)
-                .map_err(|e| Error::protocol(&op, format!("malformed answer: {e}")))?;
-            let asked: HashSet<&ChunkId> = part.iter().collect();
-            if let Some(stranger) = answer.missing.iter().find(|id| !asked.contains(id)) {
-                return Err(Error::protocol(
-                    &op,
-                    format!("the answer names chunk {stranger}, which was not asked about"),
-                ));
+            if binary {
+                match self.missing_chunks_binary(&op, repository, part).await {
+                    Ok(found) => {
+                        missing.extend(found);
+                        continue;
+                    }
+                    Err(Error::Registry { status, code, .. })
+                        if status == 415
+                            || (status == 400 && code.as_deref().is_none_or(|c| c == "UNSUPPORTED")) =>
+                    {
+                        tracing::debug!(
+                            host = self.host(),
+                            status,
+                            "binary missing-chunks query refused; using JSON"
+                        );
+                        binary = false;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            missing.extend(answer.missing);
+            missing.extend(self.missing_chunks_json(&op, repository, part).await?);
         }
         Ok(missing)
+    }
+
+    fn missing_chunks_request(&self, repository: &str, content_type: &str, body: Vec<u8>) -> Request {
+        Request::new(
+            Method::POST,
+            self.transport.url(&format!("/v2/{repository}/_thaw/chunks/missing")),
+            Scope::Push(repository.to_owned()),
+        )
+        .header("content-type", content_type)
+        .body(Body::Bytes(Bytes::from(body)))
+        .idempotent(true)
+    }
+
+    async fn missing_chunks_binary(
+        &self,
+        op: &str,
+        repository: &str,
+        part: &[ChunkId],
+    ) -> Result<Vec<ChunkId>> {
+        let req = self.missing_chunks_request(repository, media::CHUNK_IDS, encode_chunk_id_query(part));
+        // The longest answer: a bitmap of 100,000 ids, 12.5 KB.
+        let (headers, answer) = self.transport.fetch_all(op, &req, &[200], 64 * 1024).await?;
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if content_type.split(';').next().unwrap_or("").trim() != media::MISSING_CHUNKS {
+            return Err(Error::protocol(
+                op,
+                format!("answer of type {content_type:?}, not {}", media::MISSING_CHUNKS),
+            ));
+        }
+        let flags =
+            decode_missing_answer(&answer, part.len()).map_err(|e| Error::protocol(op, e.to_string()))?;
+        Ok(part.iter().zip(flags).filter(|(_, m)| *m).map(|(id, _)| *id).collect())
+    }
+
+    async fn missing_chunks_json(
+        &self,
+        op: &str,
+        repository: &str,
+        part: &[ChunkId],
+    ) -> Result<Vec<ChunkId>> {
+        let body = serde_json::to_vec(&MissingChunksRequest { chunks: part.to_vec() }).expect("serializes");
+        let req = self.missing_chunks_request(repository, "application/json", body);
+        let (_, answer) = self.transport.fetch_all(op, &req, &[200], 16 * 1024 * 1024).await?;
+        let answer: MissingChunksResponse = serde_json::from_slice(&answer)
+            .map_err(|e| Error::protocol(op, format!("malformed answer: {e}")))?;
+        let asked: HashSet<&ChunkId> = part.iter().collect();
+        if let Some(stranger) = answer.missing.iter().find(|id| !asked.contains(id)) {
+            return Err(Error::protocol(
+                op,
+                format!("the answer names chunk {stranger}, which was not asked about"),
+            ));
+        }
+        Ok(answer.missing)
     }
 
     /// Uploads one chunk batch body (`count` chunks). Repeating it is harmless.

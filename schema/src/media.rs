@@ -16,6 +16,10 @@ pub const INFO_LAYER: &str = "application/vnd.thaw.snapshot.info.v1+json";
 pub const RECIPE: &str = "application/vnd.thaw.recipe.v1";
 /// A batch of encoded chunks.
 pub const CHUNK_BATCH: &str = "application/vnd.thaw.chunks.v1";
+/// A binary missing-chunks query: raw chunk ids (docs/FORMAT.md).
+pub const CHUNK_IDS: &str = "application/vnd.thaw.chunk-ids.v1";
+/// The answer to a binary missing-chunks query (docs/FORMAT.md).
+pub const MISSING_CHUNKS: &str = "application/vnd.thaw.missing-chunks.v1";
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

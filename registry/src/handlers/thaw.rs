@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use thaw_schema::batch::{encode_entry, parse_batch, BATCH_MAGIC, ENTRY_HEADER_LEN};
 use thaw_schema::dto::{
-    ChunkUploadResponse, DiscoverResponse, ExtensionInfo, FetchChunksRequest, MissingChunksRequest,
-    MissingChunksResponse, MAX_IDS_PER_QUERY, THAW_EXTENSION,
+    decode_chunk_id_query, encode_missing_answer, BinaryQueryError, ChunkUploadResponse, DiscoverResponse,
+    ExtensionInfo, FetchChunksRequest, MissingChunksRequest, MissingChunksResponse, MAX_IDS_PER_QUERY,
+    THAW_EXTENSION,
 };
 use thaw_schema::frame::FrameError;
 use thaw_schema::{media, ChunkId, ErrorCode, Recipe};
@@ -74,12 +75,51 @@ async fn which_present(store: &Arc<Store>, ids: &[ChunkId]) -> Result<Vec<bool>,
     store.which_present(ids).await
 }
 
+/// The form of a missing-chunks query, from its `Content-Type`.
+enum QueryForm {
+    Json,
+    Binary,
+}
+
+fn query_form(req: &Request) -> ApiResult<QueryForm> {
+    let Some(value) = req.headers.get("content-type") else { return Ok(QueryForm::Json) };
+    let essence = value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(QueryForm::Json),
+        t if t == media::CHUNK_IDS => Ok(QueryForm::Binary),
+        other => Err(ApiError::new(
+            ErrorCode::Unsupported,
+            format!("missing-chunks query of type {other:?}: send application/json or {}", media::CHUNK_IDS),
+        )
+        .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)),
+    }
+}
+
 pub(super) async fn missing(state: &Arc<AppState>, _name: &str, req: Request) -> ApiResult<Response> {
-    let query: MissingChunksRequest = read_json(req, "missing-chunks query").await?;
-    check_id_count(query.chunks.len())?;
-    let present = which_present(&state.store, &query.chunks).await?;
-    let missing = query.chunks.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| *id).collect();
-    Ok(axum::Json(MissingChunksResponse { missing }).into_response())
+    match query_form(&req)? {
+        QueryForm::Json => {
+            let query: MissingChunksRequest = read_json(req, "missing-chunks query").await?;
+            check_id_count(query.chunks.len())?;
+            let present = which_present(&state.store, &query.chunks).await?;
+            let missing = query.chunks.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| *id).collect();
+            Ok(axum::Json(MissingChunksResponse { missing }).into_response())
+        }
+        QueryForm::Binary => {
+            const WHAT: &str = "binary missing-chunks query";
+            check_declared_length(&req.headers, MAX_QUERY_LEN, WHAT)?;
+            let body = read_body(req.body, MAX_QUERY_LEN, WHAT).await?;
+            let ids = decode_chunk_id_query(&body).map_err(|e| match e {
+                BinaryQueryError::TooManyIds(_) => ApiError::new(ErrorCode::SizeInvalid, e.to_string()),
+                other => ApiError::new(ErrorCode::Unsupported, format!("{WHAT}: {other}"))
+                    .with_status(StatusCode::BAD_REQUEST),
+            })?;
+            let present = which_present(&state.store, &ids).await?;
+            let missing: Vec<bool> = present.into_iter().map(|p| !p).collect();
+            let mut response = (StatusCode::OK, encode_missing_answer(&missing)).into_response();
+            header(&mut response, "content-type", media::MISSING_CHUNKS);
+            Ok(response)
+        }
+    }
 }
 
 pub(super) async fn upload_chunks(state: &Arc<AppState>, name: &str, req: Request) -> ApiResult<Response> {
