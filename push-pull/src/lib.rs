@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod blob;
 mod copy;
 pub mod error;
 pub mod ingest;
@@ -22,6 +23,7 @@ mod inspect;
 mod local;
 pub mod manifest;
 mod materialize;
+mod nodes;
 mod pull;
 mod push;
 pub mod reference;

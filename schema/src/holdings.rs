@@ -110,6 +110,9 @@ mod tests {
         };
         let json = serde_json::to_string(&h).unwrap();
         assert_eq!(json, r#"{"node":"n1","capacityBytes":10,"usedBytes":5,"snapshots":[]}"#);
-        assert!(serde_json::from_str::<NodeHoldings>(r#"{"node":"n1","capacityBytes":1,"usedBytes":1,"snapshots":[],"x":1}"#).is_err());
+        assert!(serde_json::from_str::<NodeHoldings>(
+            r#"{"node":"n1","capacityBytes":1,"usedBytes":1,"snapshots":[],"x":1}"#
+        )
+        .is_err());
     }
 }

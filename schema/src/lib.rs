@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod cache_api;
 pub mod chunker;
 pub mod digest;
 pub mod dto;

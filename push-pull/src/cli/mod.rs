@@ -2,6 +2,7 @@
 //! Machine-readable output goes to stdout (`--json` for a full report); progress and
 //! summaries go to stderr (`--quiet` silences them).
 
+mod cache;
 mod progress;
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
@@ -120,6 +121,14 @@ enum Command {
         /// Plain HTTP for the destination only.
         #[arg(long)]
         dst_plain_http: bool,
+    },
+    /// Talk to the node cache on this machine (thaw-node-cache's local API).
+    Cache {
+        /// The node cache's local API.
+        #[arg(long, env = "THAW_NODE_CACHE", default_value = "http://127.0.0.1:7700", value_name = "URL")]
+        url: String,
+        #[command(subcommand)]
+        command: cache::CacheCommand,
     },
     /// Store credentials for HOST in the Docker config file, after checking them.
     Login {
@@ -355,6 +364,7 @@ async fn run(cli: Cli) -> Result<()> {
             ));
             ctx.output(&report, Some(format!("{}\n", report.digest)));
         }
+        Command::Cache { url, command } => cache::run(&url, command, ctx.global.json).await?,
         Command::Login { host, username, password_stdin } => {
             let password = read_password(password_stdin)?;
             let credentials = Credentials { username, password };

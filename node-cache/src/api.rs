@@ -1,0 +1,94 @@
+//! The local HTTP API (DESIGN.md "Node-cache local API"), for the orchestrator on this node
+//! and `thaw cache`. Bodies are the DTOs of `thaw_schema::cache_api`; errors are
+//! `{"error": {"code", "message"}}` with the status of [`CacheError::status`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use thaw_client::{PushOptions, Reference};
+use thaw_schema::cache_api::{EnsureRequest, PublishRequest, PublishResponse, ReleaseRequest};
+
+use crate::cache::Cache;
+use crate::error::{CacheError, Result};
+
+/// The router over a cache.
+pub fn app(cache: Arc<Cache>) -> Router {
+    Router::new()
+        .route("/v1/snapshots", get(list))
+        .route("/v1/snapshots/ensure", post(ensure))
+        .route("/v1/snapshots/release", post(release))
+        .route("/v1/snapshots/prefetch", post(prefetch))
+        .route("/v1/snapshots/publish", post(publish))
+        .route("/v1/scrub", post(scrub))
+        .route("/v1/disk", get(disk))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { CacheError::NotFound("no such endpoint; see docs/API.md".into()) })
+        .with_state(cache)
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| CacheError::BadRequest(format!("malformed request body: {e}")))
+}
+
+async fn list(State(cache): State<Arc<Cache>>) -> Response {
+    Json(cache.listing()).into_response()
+}
+
+async fn ensure(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
+    let req: EnsureRequest = parse(&body)?;
+    Ok(Json(cache.ensure(&req.reference).await?).into_response())
+}
+
+async fn release(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
+    let req: ReleaseRequest = parse(&body)?;
+    let id = cache.release(req.lease.as_deref(), req.reference.as_deref())?;
+    Ok(Json(serde_json::json!({ "released": id })).into_response())
+}
+
+async fn prefetch(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
+    let req: EnsureRequest = parse(&body)?;
+    let reference = cache.prefetch(&req.reference).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "reference": reference }))).into_response())
+}
+
+async fn publish(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
+    let req: PublishRequest = parse(&body)?;
+    let started = Instant::now();
+    let dir = Path::new(&req.dir);
+    if !dir.is_absolute() {
+        return Err(CacheError::BadRequest(format!("dir {:?} must be an absolute path", req.dir)));
+    }
+    let reference = Reference::parse_with_default(&req.reference, Some(&cache.config().registry))
+        .map_err(|e| CacheError::BadRequest(e.to_string()))?;
+    let stats = Arc::new(thaw_client::Stats::new());
+    let registry = thaw_client::Registry::for_reference(&reference, &cache.config().client, stats)?;
+    let report = thaw_client::push_dir(&registry, &reference, dir, &PushOptions::default()).await?;
+    Ok(Json(PublishResponse {
+        reference: report.reference,
+        digest: report.digest,
+        bytes_sent: report.stats.bytes_sent,
+        millis: started.elapsed().as_millis() as u64,
+    })
+    .into_response())
+}
+
+async fn scrub(State(cache): State<Arc<Cache>>) -> Result<Response> {
+    Ok(Json(cache.scrub().await?).into_response())
+}
+
+async fn disk(State(cache): State<Arc<Cache>>) -> Result<Response> {
+    Ok(Json(cache.disk_report()?).into_response())
+}
+
+async fn metrics(State(cache): State<Arc<Cache>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], cache.metrics.render()).into_response()
+}

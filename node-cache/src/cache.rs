@@ -1,0 +1,1092 @@
+//! The cache itself: ensure, release, prefetch, eviction, recovery and scrubbing.
+//!
+//! On disk, under the cache directory:
+//!
+//! ```text
+//! index.redb                 the index (see `index.rs`)
+//! snapshots/<hex>/<title>    complete, verified snapshots; a directory here that the index
+//!                            does not list is an orphan and is removed at start
+//! work/                      materializations in progress and directories being deleted;
+//!                            emptied at start
+//! leases/<lease>/<title>     the private disk copy handed out with each lease
+//! spares/<hex>-<nonce>-<title>  a disk copy made ahead of time, so a hit renames instead of copying
+//! ```
+//!
+//! Order of writes: a snapshot's files are written and verified in `work/`, synced, renamed
+//! into `snapshots/`, and only then recorded in the index. An eviction first takes the
+//! directory out of `snapshots/` (a rename into `work/`), then removes the record, then the
+//! bytes. A crash at any point leaves either a record with its files, or files without a
+//! record (removed at start), never a record without its files.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thaw_client::blob::{self, BlobTarget, LocalChunk};
+use thaw_client::manifest::{file_layers, FileLayer, ManifestDoc};
+use thaw_client::{ClientOptions, FetchedManifest, Reference, Registry, Stats};
+use thaw_schema::cache_api::{BytesBySource, CacheListing, CachedSnapshot, EnsureResponse};
+use thaw_schema::holdings::{HeldSnapshot, NodeHoldings, MAX_SNAPSHOTS_PER_NODE};
+use thaw_schema::media::FileRole;
+use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
+use tokio::sync::{Notify, OwnedMutexGuard};
+
+use crate::error::{CacheError, Result};
+use crate::fsutil::{self, allocated_bytes};
+use crate::index::{ChunkLocation, FileRecord, Index, LeaseRecord, RefRecord, SnapshotRecord, VolatileBatch};
+use crate::metrics::Metrics;
+
+/// How the cache is set up.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// The registry (`host[:port]`) snapshots come from; references without a host use it.
+    pub registry: String,
+    /// Client settings (plain HTTP, credentials, retries).
+    pub client: ClientOptions,
+    /// The cache directory.
+    pub cache_dir: PathBuf,
+    /// Capacity in bytes of allocated disk.
+    pub capacity: u64,
+    /// This node's name, as published in its holdings.
+    pub node_name: String,
+    /// How long a tag's resolution is trusted before `ensure` asks the registry again.
+    pub tag_ttl: Duration,
+    /// Where peers reach this node, published in its holdings.
+    pub peer_endpoint: Option<String>,
+}
+
+/// One lease: a snapshot in use, and its private disk copy.
+#[derive(Debug, Clone)]
+struct Lease {
+    record: LeaseRecord,
+    /// Bytes allocated to the private disk copy.
+    allocated: u64,
+}
+
+/// A disk copy made ahead of time.
+#[derive(Debug, Clone)]
+struct Spare {
+    path: PathBuf,
+    allocated: u64,
+}
+
+/// In-memory state: the index's records plus what only lives while the process runs.
+#[derive(Debug, Default)]
+struct State {
+    snapshots: HashMap<Sha256Digest, SnapshotRecord>,
+    leases: HashMap<String, Lease>,
+    refs: HashMap<String, RefRecord>,
+    /// Snapshots a materialization is copying chunks from: not evicted meanwhile.
+    pins: HashMap<Sha256Digest, u32>,
+    /// Estimated bytes of materializations in progress.
+    reserved: u64,
+    spares: HashMap<Sha256Digest, Spare>,
+    spares_in_progress: HashSet<Sha256Digest>,
+    dirty_snapshots: HashSet<Sha256Digest>,
+    dirty_leases: HashSet<String>,
+    dirty_refs: HashSet<String>,
+}
+
+impl State {
+    fn used(&self) -> u64 {
+        self.snapshots.values().map(|s| s.allocated_bytes).sum::<u64>()
+            + self.leases.values().map(|l| l.allocated).sum::<u64>()
+            + self.spares.values().map(|s| s.allocated).sum::<u64>()
+            + self.reserved
+    }
+
+    fn leased(&self, digest: &Sha256Digest) -> bool {
+        self.leases.values().any(|l| l.record.digest == *digest)
+    }
+}
+
+/// Directories under the cache directory.
+#[derive(Debug)]
+struct Dirs {
+    snapshots: PathBuf,
+    work: PathBuf,
+    leases: PathBuf,
+    spares: PathBuf,
+}
+
+/// The node cache. Shared behind `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct Cache {
+    config: CacheConfig,
+    dirs: Dirs,
+    index: Index,
+    registry: Registry,
+    state: Mutex<State>,
+    /// One lock per snapshot digest: held while it is materialized or evicted, so
+    /// concurrent `ensure`s of one snapshot do the work once.
+    flights: Mutex<HashMap<Sha256Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// `ensure`s in progress; prefetches wait for none.
+    active_ensures: AtomicUsize,
+    ensures_idle: Notify,
+    prefetch_slot: tokio::sync::Semaphore,
+    /// Woken when holdings change.
+    pub(crate) holdings_changed: Notify,
+    /// Woken when volatile state needs writing.
+    dirty: Notify,
+    pub(crate) metrics: Metrics,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What one file of a snapshot being materialized needs.
+struct Planned {
+    layer: FileLayer,
+    recipe: Option<Recipe>,
+}
+
+/// Counts the `ensure`s in progress.
+struct ActiveEnsure<'a>(&'a Cache);
+
+impl Drop for ActiveEnsure<'_> {
+    fn drop(&mut self) {
+        if self.0.active_ensures.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.ensures_idle.notify_waiters();
+        }
+    }
+}
+
+/// Pins and a reservation held by a materialization, undone on drop.
+struct Hold<'a> {
+    cache: &'a Cache,
+    pinned: Vec<Sha256Digest>,
+    reserved: u64,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut st = self.cache.state.lock().expect("state lock");
+        for d in &self.pinned {
+            if let Some(n) = st.pins.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pins.remove(d);
+                }
+            }
+        }
+        st.reserved -= self.reserved;
+    }
+}
+
+impl Cache {
+    /// Opens the cache directory, recovering from whatever a crash left: work in progress and
+    /// orphaned directories are removed, index entries whose files are missing are dropped.
+    pub fn open(config: CacheConfig) -> Result<Arc<Self>> {
+        let root = &config.cache_dir;
+        let dirs = Dirs {
+            snapshots: root.join("snapshots"),
+            work: root.join("work"),
+            leases: root.join("leases"),
+            spares: root.join("spares"),
+        };
+        for d in [&dirs.snapshots, &dirs.work, &dirs.leases, &dirs.spares] {
+            std::fs::create_dir_all(d).map_err(|e| CacheError::io("creating", d, e))?;
+        }
+        for d in [&dirs.work, &dirs.spares] {
+            for entry in std::fs::read_dir(d).map_err(|e| CacheError::io("reading", d, e))?.flatten() {
+                fsutil::remove_all(&entry.path());
+            }
+        }
+        let index = Index::open(&root.join("index.redb"))?;
+        let loaded = index.load()?;
+        let mut state = State::default();
+        for mut record in loaded.snapshots {
+            let dir = dirs.snapshots.join(record.digest.hex());
+            let complete = record.files.iter().all(|f| {
+                std::fs::metadata(dir.join(&f.title)).is_ok_and(|m| m.is_file() && m.len() == f.size)
+            });
+            if complete {
+                record.allocated_bytes = allocated_bytes(&dir);
+                state.snapshots.insert(record.digest, record);
+            } else {
+                tracing::warn!(digest = %record.digest, "files of an indexed snapshot are missing; dropping it");
+                index.remove_snapshot(&record.digest)?;
+            }
+        }
+        let entries =
+            std::fs::read_dir(&dirs.snapshots).map_err(|e| CacheError::io("reading", &dirs.snapshots, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let known = format!("sha256:{name}")
+                .parse::<Sha256Digest>()
+                .is_ok_and(|d| state.snapshots.contains_key(&d));
+            if !known {
+                tracing::info!(dir = %entry.path().display(), "removing an orphaned snapshot directory");
+                fsutil::remove_all(&entry.path());
+            }
+        }
+        for (id, record) in loaded.leases {
+            if state.snapshots.contains_key(&record.digest) {
+                let allocated = allocated_bytes(&dirs.leases.join(&id));
+                state.leases.insert(id, Lease { record, allocated });
+            }
+        }
+        let entries =
+            std::fs::read_dir(&dirs.leases).map_err(|e| CacheError::io("reading", &dirs.leases, e))?;
+        for entry in entries.flatten() {
+            if !state.leases.contains_key(entry.file_name().to_string_lossy().as_ref()) {
+                fsutil::remove_all(&entry.path());
+            }
+        }
+        state.refs = loaded.refs.into_iter().collect();
+        let registry = Registry::new(&config.registry, &config.client, Arc::new(Stats::new()))?;
+        let cache = Arc::new(Self {
+            dirs,
+            index,
+            registry,
+            state: Mutex::new(state),
+            flights: Mutex::default(),
+            active_ensures: AtomicUsize::new(0),
+            ensures_idle: Notify::new(),
+            prefetch_slot: tokio::sync::Semaphore::new(1),
+            holdings_changed: Notify::new(),
+            dirty: Notify::new(),
+            metrics: Metrics::default(),
+            config,
+        });
+        cache.update_gauges();
+        Ok(cache)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    fn flight(&self, digest: Sha256Digest) -> Arc<tokio::sync::Mutex<()>> {
+        self.flights.lock().expect("flights lock").entry(digest).or_default().clone()
+    }
+
+    fn parse_reference(&self, input: &str) -> Result<Reference> {
+        let reference = Reference::parse_with_default(input, Some(&self.config.registry))
+            .map_err(|e| CacheError::BadRequest(e.to_string()))?;
+        if reference.registry() != self.config.registry {
+            return Err(CacheError::BadRequest(format!(
+                "{reference} is on registry {}, but this cache pulls from {}",
+                reference.registry(),
+                self.config.registry
+            )));
+        }
+        Ok(reference)
+    }
+
+    /// Makes the snapshot present, takes a lease on it and answers with its files.
+    pub async fn ensure(&self, input: &str) -> Result<EnsureResponse> {
+        let started = Instant::now();
+        let result = self.ensure_inner(input, started).await;
+        let seconds = started.elapsed().as_secs_f64();
+        match &result {
+            Ok(r) => self.metrics.record_ensure(r.hit, seconds, &r.bytes),
+            Err(_) => self.metrics.record_ensure_error(seconds),
+        }
+        result
+    }
+
+    async fn ensure_inner(&self, input: &str, started: Instant) -> Result<EnsureResponse> {
+        self.active_ensures.fetch_add(1, Ordering::SeqCst);
+        let _active = ActiveEnsure(self);
+        let reference = self.parse_reference(input)?;
+        let (digest, manifest) = self.resolve(&reference).await?;
+        let key = reference.to_string();
+        if let Some(resp) = self.try_hit(&key, digest, started).await? {
+            return Ok(resp);
+        }
+        let flight = self.flight(digest);
+        let _guard = flight.lock().await;
+        if let Some(resp) = self.try_hit(&key, digest, started).await? {
+            return Ok(resp);
+        }
+        let bytes = self.materialize(&reference, digest, manifest).await?;
+        let mut resp = self
+            .try_hit(&key, digest, started)
+            .await?
+            .ok_or_else(|| CacheError::Index(format!("{key} was materialized but is not in the index")))?;
+        resp.hit = false;
+        resp.bytes = bytes;
+        Ok(resp)
+    }
+
+    /// Materializes the snapshot in the background, after any `ensure` in progress, and
+    /// takes no lease.
+    pub async fn prefetch(self: &Arc<Self>, input: &str) -> Result<String> {
+        let reference = self.parse_reference(input)?;
+        let cache = self.clone();
+        let key = reference.to_string();
+        tokio::spawn(async move {
+            let _slot = cache.prefetch_slot.acquire().await.expect("semaphore open");
+            loop {
+                let idle = cache.ensures_idle.notified();
+                if cache.active_ensures.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                idle.await;
+            }
+            let result = async {
+                let (digest, manifest) = cache.resolve(&reference).await?;
+                if cache.state.lock().expect("state lock").snapshots.contains_key(&digest) {
+                    return Ok(());
+                }
+                let flight = cache.flight(digest);
+                let _guard = flight.lock().await;
+                if !cache.state.lock().expect("state lock").snapshots.contains_key(&digest) {
+                    cache.materialize(&reference, digest, manifest).await?;
+                }
+                Ok::<_, CacheError>(())
+            }
+            .await;
+            match result {
+                Ok(()) => tracing::info!(reference = %reference, "prefetched"),
+                Err(e) => tracing::warn!(reference = %reference, error = %e, "prefetch failed"),
+            }
+        });
+        Ok(key)
+    }
+
+    /// The digest a reference names: its own, a fresh tag resolution, or the registry's answer
+    /// (with the manifest, which a miss needs anyway). If the registry cannot be reached, a
+    /// stale resolution is used rather than failing a restore the cache could serve.
+    async fn resolve(&self, reference: &Reference) -> Result<(Sha256Digest, Option<FetchedManifest>)> {
+        if let Some(d) = reference.digest() {
+            return Ok((d, None));
+        }
+        let key = reference.to_string();
+        let known = self.state.lock().expect("state lock").refs.get(&key).copied();
+        if let Some(r) = known {
+            if now_ms().saturating_sub(r.resolved_ms) < self.config.tag_ttl.as_millis() as u64 {
+                return Ok((r.digest, None));
+            }
+        }
+        match self.registry.get_manifest(reference.repository(), &reference.manifest_reference()).await {
+            Ok(m) => {
+                let mut st = self.state.lock().expect("state lock");
+                st.refs.insert(key.clone(), RefRecord { digest: m.digest, resolved_ms: now_ms() });
+                st.dirty_refs.insert(key);
+                drop(st);
+                self.dirty.notify_one();
+                Ok((m.digest, Some(m)))
+            }
+            Err(e) => match known {
+                Some(r) if !e.is_not_found() => {
+                    tracing::warn!(reference = %key, error = %e, "registry unreachable; using the last resolution of the tag");
+                    Ok((r.digest, None))
+                }
+                _ => Err(e.into()),
+            },
+        }
+    }
+
+    /// If the snapshot is cached and intact, takes a lease and answers.
+    async fn try_hit(
+        &self,
+        key: &str,
+        digest: Sha256Digest,
+        started: Instant,
+    ) -> Result<Option<EnsureResponse>> {
+        let Some(record) = self.state.lock().expect("state lock").snapshots.get(&digest).cloned() else {
+            return Ok(None);
+        };
+        let dir = self.dirs.snapshots.join(digest.hex());
+        // A written file changes its mtime: such a snapshot is checked before use.
+        let touched = record.files.iter().any(|f| {
+            std::fs::metadata(dir.join(&f.title))
+                .map_or(true, |m| m.len() != f.size || fsutil::mtime_ns(&m) != f.mtime_ns)
+        });
+        if touched && !self.verify(&record).await? {
+            tracing::warn!(%digest, "a cached file was modified; re-fetching the snapshot");
+            self.quarantine(&digest).await?;
+            return Ok(None);
+        }
+        let lease_id = fsutil::nonce();
+        let disk = record.files.iter().find(|f| f.role.as_deref() == Some(FileRole::Disk.key())).cloned();
+        let spare = {
+            let mut st = self.state.lock().expect("state lock");
+            let Some(rec) = st.snapshots.get_mut(&digest) else { return Ok(None) };
+            rec.last_used_ms = now_ms();
+            if !rec.references.iter().any(|r| r == key) {
+                rec.references.push(key.to_owned());
+            }
+            let lease = LeaseRecord { digest, reference: key.to_owned(), created_ms: now_ms() };
+            st.leases.insert(lease_id.clone(), Lease { record: lease, allocated: 0 });
+            st.dirty_snapshots.insert(digest);
+            st.dirty_leases.insert(lease_id.clone());
+            st.spares.remove(&digest)
+        };
+        self.dirty.notify_one();
+        let mut files = BTreeMap::new();
+        for f in &record.files {
+            let name = f.role.clone().unwrap_or_else(|| f.title.clone());
+            files.insert(name, dir.join(&f.title).display().to_string());
+        }
+        if let Some(disk) = disk {
+            let source = dir.join(&disk.title);
+            if spare.is_none() {
+                // The copy counts against capacity like everything else: make room first.
+                let needed = allocated_bytes(&source);
+                let evicted = {
+                    let mut st = self.state.lock().expect("state lock");
+                    self.make_room(&mut st, needed, digest)
+                };
+                let room = match evicted {
+                    Ok(evicted) => self.finish_evictions(evicted).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = room {
+                    self.end_lease(&lease_id);
+                    return Err(e);
+                }
+            }
+            match self.private_disk_copy(&lease_id, &source, &disk.title, spare).await {
+                Ok(path) => {
+                    files.insert(FileRole::Disk.key().to_owned(), path.display().to_string());
+                }
+                Err(e) => {
+                    self.end_lease(&lease_id);
+                    return Err(e);
+                }
+            }
+        }
+        self.update_gauges();
+        self.holdings_changed.notify_one();
+        Ok(Some(EnsureResponse {
+            reference: key.to_owned(),
+            digest,
+            lease: lease_id,
+            files,
+            bytes: BytesBySource::default(),
+            millis: started.elapsed().as_millis() as u64,
+            hit: true,
+        }))
+    }
+
+    /// Puts a private copy of the disk image in the lease's directory: the spare if there is
+    /// one (a rename), else a sparse copy now. Then makes the next spare in the background.
+    async fn private_disk_copy(
+        &self,
+        lease: &str,
+        source: &Path,
+        title: &str,
+        spare: Option<Spare>,
+    ) -> Result<PathBuf> {
+        let dir = self.dirs.leases.join(lease);
+        std::fs::create_dir_all(&dir).map_err(|e| CacheError::io("creating", &dir, e))?;
+        let dest = dir.join(title);
+        let allocated = match spare {
+            Some(s) => match std::fs::rename(&s.path, &dest) {
+                Ok(()) => s.allocated,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not take the spare disk copy; copying");
+                    copy_blocking(source, &dest).await?
+                }
+            },
+            None => copy_blocking(source, &dest).await?,
+        };
+        if let Some(l) = self.state.lock().expect("state lock").leases.get_mut(lease) {
+            l.allocated = allocated;
+        }
+        Ok(dest)
+    }
+
+    /// Makes a spare disk copy of a cached snapshot, if it has a disk and none is ready.
+    pub(crate) async fn prepare_spare(&self, digest: Sha256Digest) {
+        let source = {
+            let mut st = self.state.lock().expect("state lock");
+            let Some(rec) = st.snapshots.get(&digest) else { return };
+            let Some(disk) = rec.files.iter().find(|f| f.role.as_deref() == Some(FileRole::Disk.key()))
+            else {
+                return;
+            };
+            let title = disk.title.clone();
+            if st.spares.contains_key(&digest) || !st.spares_in_progress.insert(digest) {
+                return;
+            }
+            title
+        };
+        let from = self.dirs.snapshots.join(digest.hex()).join(&source);
+        let to = self.dirs.spares.join(format!("{}-{}-{source}", digest.hex(), fsutil::nonce()));
+        let copied = copy_blocking(&from, &to).await;
+        let mut st = self.state.lock().expect("state lock");
+        st.spares_in_progress.remove(&digest);
+        match copied {
+            Ok(allocated) if st.snapshots.contains_key(&digest) => {
+                st.spares.insert(digest, Spare { path: to, allocated });
+            }
+            Ok(_) => fsutil::remove_all(&to),
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "could not make a spare disk copy");
+                fsutil::remove_all(&to);
+            }
+        }
+    }
+
+    /// Ends a lease: by id, or the oldest lease of a reference.
+    pub fn release(&self, lease: Option<&str>, reference: Option<&str>) -> Result<String> {
+        let id = {
+            let st = self.state.lock().expect("state lock");
+            match (lease, reference) {
+                (Some(id), _) => {
+                    if !st.leases.contains_key(id) {
+                        return Err(CacheError::NotFound(format!("no lease {id:?}")));
+                    }
+                    id.to_owned()
+                }
+                (None, Some(r)) => {
+                    let key = self.parse_reference(r)?.to_string();
+                    st.leases
+                        .iter()
+                        .filter(|(_, l)| l.record.reference == key)
+                        .min_by_key(|(_, l)| l.record.created_ms)
+                        .map(|(id, _)| id.clone())
+                        .ok_or_else(|| CacheError::NotFound(format!("{key} holds no lease")))?
+                }
+                (None, None) => {
+                    return Err(CacheError::BadRequest("name a lease or a reference to release".into()))
+                }
+            }
+        };
+        self.end_lease(&id);
+        Ok(id)
+    }
+
+    fn end_lease(&self, id: &str) {
+        {
+            let mut st = self.state.lock().expect("state lock");
+            st.leases.remove(id);
+            st.dirty_leases.insert(id.to_owned());
+        }
+        fsutil::remove_all(&self.dirs.leases.join(id));
+        self.dirty.notify_one();
+        self.update_gauges();
+    }
+
+    /// Fetches the snapshot into `work/`, verifies it, moves it into `snapshots/` and
+    /// records it. The caller holds the digest's flight lock.
+    async fn materialize(
+        &self,
+        reference: &Reference,
+        digest: Sha256Digest,
+        manifest: Option<FetchedManifest>,
+    ) -> Result<BytesBySource> {
+        let manifest = match manifest {
+            Some(m) if m.digest == digest => m,
+            _ => self.registry.get_manifest(reference.repository(), &digest.to_string()).await?,
+        };
+        if ManifestDoc::is_index(&manifest.media_type) {
+            return Err(CacheError::BadRequest(format!(
+                "{reference} is an index ({}); name one of its manifests by digest",
+                manifest.media_type
+            )));
+        }
+        let doc = ManifestDoc::parse(&manifest)?;
+        let layers = file_layers(&doc, &reference.to_string())?;
+        if layers.is_empty() {
+            return Err(CacheError::BadRequest(format!("{reference} has no files")));
+        }
+        let thaw = self.registry.has_thaw().await?;
+        let mut planned = Vec::new();
+        for layer in layers {
+            let recipe = if thaw {
+                self.registry.recipe(reference.repository(), &layer.descriptor.digest).await?
+            } else {
+                None
+            };
+            planned.push(Planned { layer, recipe });
+        }
+        match self.materialize_planned(reference, digest, &planned, true).await {
+            Err(CacheError::Registry(thaw_client::Error::Integrity { what, why })) => {
+                // A local chunk did not match its id: find the damaged cached snapshots,
+                // drop them, and fetch again from the registry.
+                tracing::warn!(%what, %why, "a local chunk failed its check; scrubbing the sources");
+                let report = self.scrub().await?;
+                tracing::warn!(corrupt = report.corrupt.len(), "scrubbed before retrying");
+                self.materialize_planned(reference, digest, &planned, report.corrupt.is_empty()).await
+            }
+            other => other,
+        }
+    }
+
+    async fn materialize_planned(
+        &self,
+        reference: &Reference,
+        digest: Sha256Digest,
+        planned: &[Planned],
+        use_local: bool,
+    ) -> Result<BytesBySource> {
+        let what = reference.to_string();
+        // Chunks other cached snapshots hold, in snapshots pinned for the duration.
+        let mut ids: Vec<ChunkId> =
+            planned.iter().filter_map(|p| p.recipe.as_ref()).flat_map(Recipe::distinct_chunks).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let estimate: u64 = planned
+            .iter()
+            .map(|p| match &p.recipe {
+                Some(r) => r
+                    .entries
+                    .iter()
+                    .filter(|e| e.chunk_id().is_some())
+                    .map(|e| u64::from(e.byte_len()).div_ceil(4096) * 4096)
+                    .sum(),
+                None => p.layer.descriptor.size,
+            })
+            .sum();
+        // Room first, by least-recent use alone; then the chunks to copy, from what remains.
+        let evicted = {
+            let mut st = self.state.lock().expect("state lock");
+            let evicted = self.make_room(&mut st, estimate, digest)?;
+            st.reserved += estimate;
+            evicted
+        };
+        // Dropped on every way out: unpins the sources and returns the reservation.
+        let mut hold = Hold { cache: self, pinned: Vec::new(), reserved: estimate };
+        self.finish_evictions(evicted).await?;
+        let found = if use_local { self.index.locate(&ids)? } else { HashMap::new() };
+        let sources = {
+            let mut st = self.state.lock().expect("state lock");
+            let mut sources: HashMap<ChunkId, (ChunkLocation, PathBuf)> = HashMap::new();
+            let mut pinned = HashSet::new();
+            for (id, locs) in &found {
+                let usable = locs.iter().find_map(|loc| {
+                    let rec = st.snapshots.get(&loc.snapshot)?;
+                    let file = rec.files.get(usize::from(loc.file))?;
+                    Some((*loc, self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title)))
+                });
+                if let Some((loc, path)) = usable {
+                    pinned.insert(loc.snapshot);
+                    sources.insert(*id, (loc, path));
+                }
+            }
+            for d in &pinned {
+                *st.pins.entry(*d).or_default() += 1;
+            }
+            hold.pinned = pinned.into_iter().collect();
+            sources
+        };
+
+        let work = self.dirs.work.join(format!("{}.{}", digest.hex(), fsutil::nonce()));
+        std::fs::create_dir_all(&work).map_err(|e| CacheError::io("creating", &work, e))?;
+        let result = self.write_files(reference, digest, planned, &sources, &work).await;
+        let (files, chunks, bytes) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                fsutil::remove_all(&work);
+                return Err(e);
+            }
+        };
+        fsutil::sync_dir(&work)?;
+        let dest = self.dirs.snapshots.join(digest.hex());
+        std::fs::rename(&work, &dest).map_err(|e| CacheError::io("moving into place", &dest, e))?;
+        fsutil::sync_dir(&self.dirs.snapshots)?;
+        let record = SnapshotRecord {
+            digest,
+            registry: reference.registry().to_owned(),
+            repository: reference.repository().to_owned(),
+            references: vec![what.clone()],
+            files,
+            allocated_bytes: allocated_bytes(&dest),
+            last_used_ms: now_ms(),
+        };
+        let index_record = record.clone();
+        let insert = {
+            let index = &self.index;
+            tokio::task::block_in_place(|| index.insert_snapshot(&index_record, &chunks))
+        };
+        if let Err(e) = insert {
+            fsutil::remove_all(&dest);
+            return Err(e);
+        }
+        {
+            let mut st = self.state.lock().expect("state lock");
+            st.snapshots.insert(digest, record);
+        }
+        drop(hold);
+        tracing::info!(reference = %what, %digest, local = bytes.local, registry = bytes.registry, "materialized");
+        self.update_gauges();
+        self.holdings_changed.notify_one();
+        Ok(bytes)
+    }
+
+    /// Writes every file of the snapshot into `work`, each verified by the client.
+    async fn write_files(
+        &self,
+        reference: &Reference,
+        digest: Sha256Digest,
+        planned: &[Planned],
+        sources: &HashMap<ChunkId, (ChunkLocation, PathBuf)>,
+        work: &Path,
+    ) -> Result<(Vec<FileRecord>, Vec<(ChunkId, ChunkLocation)>, BytesBySource)> {
+        let mut files = Vec::new();
+        let mut chunks: Vec<(ChunkId, ChunkLocation)> = Vec::new();
+        let mut seen: HashSet<ChunkId> = HashSet::new();
+        let mut bytes = BytesBySource::default();
+        for (i, p) in planned.iter().enumerate() {
+            let d = &p.layer.descriptor;
+            let path = work.join(&p.layer.title);
+            let target = BlobTarget {
+                repository: reference.repository(),
+                digest: d.digest,
+                size: d.size,
+                path: &path,
+            };
+            let what = format!("file {:?} of {reference}", p.layer.title);
+            match &p.recipe {
+                Some(recipe) => {
+                    let mut local = HashMap::new();
+                    let mut fetched = HashSet::new();
+                    let mut offset = 0u64;
+                    for entry in &recipe.entries {
+                        if let RecipeEntry::Data { len, id } = entry {
+                            if let Some((_, src)) = sources.get(id) {
+                                let (loc, path) = (sources[id].0, src.clone());
+                                local.insert(
+                                    *id,
+                                    LocalChunk { path: Arc::new(path), offset: loc.offset, len: loc.len },
+                                );
+                                bytes.local += u64::from(*len);
+                            } else if fetched.insert(*id) {
+                                bytes.registry += u64::from(*len);
+                            } else {
+                                bytes.local += u64::from(*len);
+                            }
+                            if seen.insert(*id) {
+                                let file = u16::try_from(i).map_err(|_| {
+                                    CacheError::BadRequest(format!("{reference} has too many files"))
+                                })?;
+                                chunks
+                                    .push((*id, ChunkLocation { snapshot: digest, file, offset, len: *len }));
+                            }
+                        }
+                        offset += u64::from(entry.byte_len());
+                    }
+                    blob::write_from_recipe(&self.registry, target, recipe.clone(), local, &what).await?;
+                }
+                None => {
+                    blob::download(&self.registry, target, &what).await?;
+                    bytes.registry += d.size;
+                }
+            }
+            let meta = std::fs::metadata(&path).map_err(|e| CacheError::io("reading", &path, e))?;
+            files.push(FileRecord {
+                title: p.layer.title.clone(),
+                role: d.role().map(|r| r.key().to_owned()),
+                digest: d.digest,
+                size: d.size,
+                mtime_ns: fsutil::mtime_ns(&meta),
+            });
+        }
+        Ok((files, chunks, bytes))
+    }
+
+    /// Evicts least-recently-used snapshots that are neither leased, pinned, nor busy until
+    /// `needed` more bytes fit. Takes each victim out of `snapshots/` and the state now; the
+    /// returned guards are held until [`Self::finish_evictions`] has removed its record.
+    fn make_room(
+        &self,
+        st: &mut State,
+        needed: u64,
+        exclude: Sha256Digest,
+    ) -> Result<Vec<(Sha256Digest, PathBuf, OwnedMutexGuard<()>)>> {
+        let mut evicted = Vec::new();
+        // Spare disk copies go first: they are only a head start for the next hit.
+        if st.used() + needed > self.config.capacity {
+            for (_, spare) in st.spares.drain() {
+                fsutil::remove_all(&spare.path);
+            }
+        }
+        while st.used() + needed > self.config.capacity {
+            let mut candidates: Vec<(u64, Sha256Digest)> = st
+                .snapshots
+                .values()
+                .filter(|s| s.digest != exclude && !st.pins.contains_key(&s.digest) && !st.leased(&s.digest))
+                .map(|s| (s.last_used_ms, s.digest))
+                .collect();
+            candidates.sort_unstable();
+            let victim =
+                candidates.into_iter().find_map(|(_, d)| Some((d, self.flight(d).try_lock_owned().ok()?)));
+            let Some((victim, guard)) = victim else {
+                let leased: u64 =
+                    st.snapshots.values().filter(|s| st.leased(&s.digest)).map(|s| s.allocated_bytes).sum();
+                return Err(CacheError::NoSpace(format!(
+                    "the snapshot needs about {needed} bytes, but the cache holds {} of its {} bytes, {leased} of them in leased snapshots that cannot be evicted; release leases or raise --capacity",
+                    st.used(),
+                    self.config.capacity
+                )));
+            };
+            let dir = self.dirs.snapshots.join(victim.hex());
+            let doomed = self.dirs.work.join(format!("evicted-{}.{}", victim.hex(), fsutil::nonce()));
+            std::fs::rename(&dir, &doomed).map_err(|e| CacheError::io("evicting", &dir, e))?;
+            st.snapshots.remove(&victim);
+            if let Some(spare) = st.spares.remove(&victim) {
+                fsutil::remove_all(&spare.path);
+            }
+            tracing::info!(digest = %victim, "evicting the least recently used snapshot");
+            evicted.push((victim, doomed, guard));
+        }
+        Ok(evicted)
+    }
+
+    async fn finish_evictions(
+        &self,
+        evicted: Vec<(Sha256Digest, PathBuf, OwnedMutexGuard<()>)>,
+    ) -> Result<()> {
+        if evicted.is_empty() {
+            return Ok(());
+        }
+        for (digest, doomed, guard) in evicted {
+            tokio::task::block_in_place(|| self.index.remove_snapshot(&digest))?;
+            drop(guard);
+            fsutil::remove_all(&doomed);
+            self.metrics.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.update_gauges();
+        self.holdings_changed.notify_one();
+        Ok(())
+    }
+
+    /// Checks every file of a snapshot against its digest.
+    async fn verify(&self, record: &SnapshotRecord) -> Result<bool> {
+        let dir = self.dirs.snapshots.join(record.digest.hex());
+        let files: Vec<(PathBuf, Sha256Digest, u64)> =
+            record.files.iter().map(|f| (dir.join(&f.title), f.digest, f.size)).collect();
+        tokio::task::spawn_blocking(move || {
+            for (path, digest, size) in files {
+                match fsutil::sha256_file(&path) {
+                    Ok((d, n)) if d == digest && n == size => {}
+                    Ok(_) | Err(_) => return false,
+                }
+            }
+            true
+        })
+        .await
+        .map_err(|e| CacheError::Index(format!("verify task: {e}")))
+    }
+
+    /// Drops a damaged snapshot: out of the state and `snapshots/`, then out of the index,
+    /// then its bytes. Its leases end (their private disk copies stay valid for whoever has
+    /// them open).
+    async fn quarantine(&self, digest: &Sha256Digest) -> Result<()> {
+        let doomed = {
+            let mut st = self.state.lock().expect("state lock");
+            if st.snapshots.remove(digest).is_none() {
+                return Ok(());
+            }
+            if let Some(spare) = st.spares.remove(digest) {
+                fsutil::remove_all(&spare.path);
+            }
+            let leases: Vec<String> = st
+                .leases
+                .iter()
+                .filter(|(_, l)| l.record.digest == *digest)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in leases {
+                st.leases.remove(&id);
+                fsutil::remove_all(&self.dirs.leases.join(&id));
+            }
+            let dir = self.dirs.snapshots.join(digest.hex());
+            let doomed = self.dirs.work.join(format!("corrupt-{}.{}", digest.hex(), fsutil::nonce()));
+            std::fs::rename(&dir, &doomed).map_err(|e| CacheError::io("quarantining", &dir, e))?;
+            doomed
+        };
+        tokio::task::block_in_place(|| self.index.remove_snapshot(digest))?;
+        fsutil::remove_all(&doomed);
+        self.metrics.corrupt.fetch_add(1, Ordering::Relaxed);
+        self.update_gauges();
+        self.holdings_changed.notify_one();
+        Ok(())
+    }
+
+    /// Verifies every cached snapshot and drops the damaged ones.
+    pub async fn scrub(&self) -> Result<ScrubReport> {
+        let records: Vec<SnapshotRecord> =
+            self.state.lock().expect("state lock").snapshots.values().cloned().collect();
+        let mut report = ScrubReport { checked: 0, corrupt: Vec::new() };
+        for record in records {
+            let flight = self.flight(record.digest);
+            // A snapshot being materialized or evicted right now is not checked.
+            let Ok(_guard) = flight.try_lock() else { continue };
+            if !self.state.lock().expect("state lock").snapshots.contains_key(&record.digest) {
+                continue;
+            }
+            report.checked += 1;
+            if !self.verify(&record).await? {
+                tracing::warn!(digest = %record.digest, "scrub: a cached file does not match its digest; dropping the snapshot");
+                self.quarantine(&record.digest).await?;
+                report.corrupt.push(record.digest);
+            }
+        }
+        Ok(report)
+    }
+
+    /// The cache's contents, most recently used first.
+    pub fn listing(&self) -> CacheListing {
+        let st = self.state.lock().expect("state lock");
+        let mut snapshots: Vec<CachedSnapshot> = st
+            .snapshots
+            .values()
+            .map(|s| CachedSnapshot {
+                references: s.references.clone(),
+                digest: s.digest,
+                size_bytes: s.size_bytes(),
+                allocated_bytes: s.allocated_bytes,
+                last_used_ms: s.last_used_ms,
+                leases: st.leases.values().filter(|l| l.record.digest == s.digest).count() as u32,
+            })
+            .collect();
+        snapshots.sort_by(|a, b| b.last_used_ms.cmp(&a.last_used_ms).then(a.digest.cmp(&b.digest)));
+        CacheListing { capacity_bytes: self.config.capacity, used_bytes: st.used(), snapshots }
+    }
+
+    /// What this node holds, for the holdings directory: largest snapshots first.
+    pub fn holdings(&self) -> NodeHoldings {
+        let st = self.state.lock().expect("state lock");
+        let mut snapshots: Vec<HeldSnapshot> = st
+            .snapshots
+            .values()
+            .map(|s| HeldSnapshot {
+                reference: s.references.first().cloned().unwrap_or_default(),
+                digest: s.digest,
+                size_bytes: s.size_bytes(),
+                cached_bytes: s.size_bytes(),
+            })
+            .collect();
+        snapshots.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes).then(a.digest.cmp(&b.digest)));
+        snapshots.truncate(MAX_SNAPSHOTS_PER_NODE);
+        NodeHoldings {
+            node: self.config.node_name.clone(),
+            peer_endpoint: self.config.peer_endpoint.clone(),
+            capacity_bytes: self.config.capacity,
+            used_bytes: st.used(),
+            snapshots,
+        }
+    }
+
+    /// Writes last-use times, leases and tag resolutions changed since the last call.
+    pub fn flush(&self) -> Result<()> {
+        let batch = {
+            let mut st = self.state.lock().expect("state lock");
+            let mut batch = VolatileBatch::default();
+            for d in std::mem::take(&mut st.dirty_snapshots) {
+                if let Some(r) = st.snapshots.get(&d) {
+                    batch.snapshots.push(r.clone());
+                }
+            }
+            for id in std::mem::take(&mut st.dirty_leases) {
+                match st.leases.get(&id) {
+                    Some(l) => batch.leases_put.push((id, l.record.clone())),
+                    None => batch.leases_removed.push(id),
+                }
+            }
+            for key in std::mem::take(&mut st.dirty_refs) {
+                if let Some(r) = st.refs.get(&key) {
+                    batch.refs.push((key, *r));
+                }
+            }
+            batch
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.index.write_volatile(&batch)
+    }
+
+    /// Writes volatile state at most every `interval`, whenever it changed. Runs forever.
+    pub async fn run_flusher(self: Arc<Self>, interval: Duration) {
+        loop {
+            self.dirty.notified().await;
+            tokio::time::sleep(interval).await;
+            let cache = self.clone();
+            match tokio::task::spawn_blocking(move || cache.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not write usage and leases to the index"),
+                Err(e) => tracing::warn!(error = %e, "flush task failed"),
+            }
+        }
+    }
+
+    /// Keeps a spare disk copy ready for every cached snapshot that has a disk. Runs forever.
+    pub async fn run_spare_maker(self: Arc<Self>) {
+        loop {
+            let wanted: Vec<Sha256Digest> = {
+                let st = self.state.lock().expect("state lock");
+                st.snapshots
+                    .values()
+                    .filter(|s| s.files.iter().any(|f| f.role.as_deref() == Some(FileRole::Disk.key())))
+                    .filter(|s| !st.spares.contains_key(&s.digest) && !st.pins.contains_key(&s.digest))
+                    .map(|s| s.digest)
+                    .collect()
+            };
+            for d in wanted {
+                // Spares use spare capacity only.
+                let fits = {
+                    let st = self.state.lock().expect("state lock");
+                    let disk = st.snapshots.get(&d).map_or(0, |s| s.allocated_bytes);
+                    st.used() + disk <= self.config.capacity
+                };
+                if fits && self.active_ensures.load(Ordering::SeqCst) == 0 {
+                    self.prepare_spare(d).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The chunk locations in the index, the bytes allocated under `snapshots/` and
+    /// `leases/`, and what the index accounts for them: for consistency checks. Spares and
+    /// work in progress are left out of both.
+    pub fn disk_report(&self) -> Result<DiskReport> {
+        Ok(DiskReport {
+            chunk_locations: self.index.chunk_location_count()?,
+            allocated_on_disk: allocated_bytes(&self.dirs.snapshots) + allocated_bytes(&self.dirs.leases),
+            used_by_index: {
+                let st = self.state.lock().expect("state lock");
+                st.snapshots.values().map(|s| s.allocated_bytes).sum::<u64>()
+                    + st.leases.values().map(|l| l.allocated).sum::<u64>()
+            },
+        })
+    }
+
+    fn update_gauges(&self) {
+        let st = self.state.lock().expect("state lock");
+        self.metrics.set_gauges(
+            st.used(),
+            self.config.capacity,
+            st.snapshots.len() as u64,
+            st.leases.len() as u64,
+        );
+    }
+}
+
+async fn copy_blocking(from: &Path, to: &Path) -> Result<u64> {
+    let (from, to) = (from.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || fsutil::sparse_copy(&from, &to))
+        .await
+        .map_err(|e| CacheError::Index(format!("copy task: {e}")))?
+}
+
+/// What a scrub found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScrubReport {
+    /// Snapshots checked.
+    pub checked: usize,
+    /// Snapshots found damaged and dropped.
+    pub corrupt: Vec<Sha256Digest>,
+}
+
+/// Disk accounting, for consistency checks.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskReport {
+    /// Chunk locations the index holds.
+    pub chunk_locations: u64,
+    /// Bytes allocated under `snapshots/` and `leases/`.
+    pub allocated_on_disk: u64,
+    /// Bytes the index accounts for snapshots and leases' private copies.
+    pub used_by_index: u64,
+}

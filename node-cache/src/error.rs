@@ -1,0 +1,107 @@
+//! The node cache's errors, each with the HTTP status its local API answers with.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// What went wrong, by kind a caller can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// The request itself is wrong (a malformed reference, an unknown lease).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The snapshot or lease does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The snapshot cannot fit, even after evicting every unleased snapshot.
+    #[error("{0}")]
+    NoSpace(String),
+    /// The registry failed or answered something unusable.
+    #[error("{0}")]
+    Registry(#[source] thaw_client::Error),
+    /// Local disk trouble.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The index database failed.
+    #[error("cache index: {0}")]
+    Index(String),
+}
+
+/// Results of the cache.
+pub type Result<T, E = CacheError> = std::result::Result<T, E>;
+
+impl CacheError {
+    pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io { op, path: path.display().to_string(), source }
+    }
+
+    /// The status the local API answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Self::Registry(e) if e.is_not_found() => StatusCode::NOT_FOUND,
+            Self::Registry(e) if e.is_usage() => StatusCode::BAD_REQUEST,
+            Self::Registry(_) => StatusCode::BAD_GATEWAY,
+            Self::Io { .. } | Self::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable code for scripts.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "BAD_REQUEST",
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::NoSpace(_) => "NO_SPACE",
+            Self::Registry(e) if e.is_not_found() => "NOT_FOUND",
+            Self::Registry(_) => "REGISTRY",
+            Self::Io { .. } => "IO",
+            Self::Index(_) => "INDEX",
+        }
+    }
+}
+
+impl From<thaw_client::Error> for CacheError {
+    fn from(e: thaw_client::Error) -> Self {
+        Self::Registry(e)
+    }
+}
+
+/// The JSON error body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: String,
+}
+
+impl IntoResponse for CacheError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let mut message = self.to_string();
+        if let Self::Registry(e) = &self {
+            if let Some(hint) = e.hint() {
+                message = format!("{message} ({hint})");
+            }
+        }
+        let body = ErrorBody { error: ErrorDetail { code: self.code(), message } };
+        (status, axum::Json(body)).into_response()
+    }
+}

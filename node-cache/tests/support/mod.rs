@@ -1,0 +1,231 @@
+//! Shared by the node-cache tests: a registry holding snapshots, and `thaw-node-cache`
+//! processes (the real binary) talking to it over loopback.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use thaw_client::{PushOptions, Reference};
+
+#[path = "../../../push-pull/tests/common/mod.rs"]
+pub mod common;
+
+pub use common::{free_port, SnapshotData, ThawRegistry, PAGE};
+
+/// A snapshot pushed to the test registry, and its bytes for comparisons.
+pub struct Pushed {
+    pub reference: String,
+    pub data: SnapshotData,
+    pub dir: tempfile::TempDir,
+}
+
+/// Pushes `data` as `host/repo:tag`.
+pub async fn push(host: &str, repo_tag: &str, data: SnapshotData) -> Pushed {
+    let dir = tempfile::tempdir().unwrap();
+    data.write(dir.path());
+    let reference = Reference::parse(&format!("{host}/{repo_tag}")).unwrap();
+    let registry = common::client_for(&reference);
+    thaw_client::push_dir(&registry, &reference, dir.path(), &PushOptions::default()).await.expect("push");
+    Pushed { reference: reference.to_string(), data, dir }
+}
+
+/// Revision 2 of a snapshot: `changed` memory pages rewritten, one disk block changed.
+pub fn revision(base: &SnapshotData, changed: usize, seed: u64) -> SnapshotData {
+    let mut rng = common::Rng::new(seed);
+    let mut memory = base.memory.clone();
+    let pages = memory.len() / PAGE;
+    for _ in 0..changed {
+        let p = rng.below(pages as u64) as usize;
+        rng.fill(&mut memory[p * PAGE..(p + 1) * PAGE]);
+    }
+    let mut disk = base.disk.clone();
+    disk[PAGE * 3..PAGE * 3 + 16].copy_from_slice(b"revision two....");
+    let mut info = base.info.clone();
+    info.extend_from_slice(format!("{{\"rev\":{seed}}}\n").as_bytes());
+    SnapshotData { memory, vmstate: base.vmstate.clone(), disk, info }
+}
+
+/// A running `thaw-node-cache`; killed on drop.
+pub struct NodeCache {
+    child: Option<Child>,
+    pub addr: String,
+    pub dir: PathBuf,
+    registry: String,
+    capacity: u64,
+    node: String,
+    http: reqwest::Client,
+}
+
+impl NodeCache {
+    /// Starts a node cache on a free port with its cache in `dir`.
+    pub async fn start(registry: &str, dir: &Path, capacity: u64, node: &str) -> Self {
+        let mut n = Self {
+            child: None,
+            addr: String::new(),
+            dir: dir.to_owned(),
+            registry: registry.to_owned(),
+            capacity,
+            node: node.to_owned(),
+            http: reqwest::Client::new(),
+        };
+        n.spawn().await;
+        n
+    }
+
+    async fn spawn(&mut self) {
+        self.addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_thaw-node-cache"))
+            .args(["--registry", &format!("http://{}", self.registry)])
+            .arg("--cache-dir")
+            .arg(&self.dir)
+            .args([
+                "--capacity",
+                &self.capacity.to_string(),
+                "--listen",
+                &self.addr,
+                "--node-name",
+                &self.node,
+            ])
+            .env("THAW_LOG", std::env::var("THAW_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting thaw-node-cache");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(self.url("/healthz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("thaw-node-cache exited at start: {status}");
+            }
+            assert!(Instant::now() < deadline, "thaw-node-cache did not answer on {}", self.addr);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, then wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts again on the same cache directory.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs JSON; answers status and body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.http.post(self.url(path)).json(&body).send().await.expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let r = self.http.get(self.url(path)).send().await.expect("request");
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// `ensure`, which must succeed.
+    pub async fn ensure(&self, reference: &str) -> Value {
+        let (status, body) =
+            self.post("/v1/snapshots/ensure", serde_json::json!({ "reference": reference })).await;
+        assert_eq!(status, 200, "ensure {reference}: {body}");
+        body
+    }
+
+    pub async fn release(&self, lease: &str) {
+        let (status, body) = self.post("/v1/snapshots/release", serde_json::json!({ "lease": lease })).await;
+        assert_eq!(status, 200, "release {lease}: {body}");
+    }
+
+    /// Manifest digests of the cached snapshots.
+    pub async fn cached(&self) -> Vec<String> {
+        let listing = self.get("/v1/snapshots").await;
+        listing["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["digest"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for NodeCache {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Asserts that an ensure answer's files hold exactly the snapshot's bytes.
+pub fn assert_files(answer: &Value, data: &SnapshotData) {
+    let files = answer["files"].as_object().expect("files");
+    let expected: HashMap<&str, &[u8]> = [
+        ("memory", data.memory.as_slice()),
+        ("vmstate", data.vmstate.as_slice()),
+        ("disk", data.disk.as_slice()),
+        ("info", data.info.as_slice()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(files.len(), 4, "{answer}");
+    for (role, bytes) in expected {
+        let path = files[role].as_str().unwrap();
+        assert!(Path::new(path).is_absolute(), "{path}");
+        let got = std::fs::read(path).unwrap();
+        assert!(got == bytes, "{role} ({path}) differs from what was pushed");
+    }
+}
+
+pub fn bytes_from(answer: &Value, source: &str) -> u64 {
+    answer["bytes"][source].as_u64().unwrap()
+}
+
+/// The recipes of a snapshot's files, in manifest order.
+pub async fn recipes(reference: &str) -> Vec<thaw_schema::Recipe> {
+    let reference = Reference::parse(reference).unwrap();
+    let registry = common::client_for(&reference);
+    let manifest =
+        registry.get_manifest(reference.repository(), &reference.manifest_reference()).await.unwrap();
+    let doc = thaw_client::manifest::ManifestDoc::parse(&manifest).unwrap();
+    let mut out = Vec::new();
+    for layer in thaw_client::manifest::file_layers(&doc, "test").unwrap() {
+        let recipe = registry.recipe(reference.repository(), &layer.descriptor.digest).await.unwrap();
+        out.push(recipe.expect("a thaw-registry has recipes"));
+    }
+    out
+}
+
+/// Bytes of the distinct chunks of `new` (per file) that no file of `old` holds: what a
+/// node holding `old` must fetch for `new`.
+pub fn new_chunk_bytes(old: &[thaw_schema::Recipe], new: &[thaw_schema::Recipe]) -> u64 {
+    use std::collections::HashSet;
+    let held: HashSet<_> = old.iter().flat_map(|r| r.distinct_chunks()).collect();
+    let mut total = 0;
+    for r in new {
+        let mut seen = HashSet::new();
+        for e in &r.entries {
+            if let Some(id) = e.chunk_id() {
+                if !held.contains(id) && seen.insert(*id) {
+                    total += u64::from(e.byte_len());
+                }
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,89 @@
+//! Writing single blobs for callers that keep their own chunk store (the node cache): from
+//! a recipe, with chunks the caller already holds on local disk copied instead of fetched,
+//! or by a plain download. Every local chunk is checked against its id when read, and the
+//! whole file against its digest before this returns `Ok`; the caller renames it into place.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thaw_schema::{ChunkId, Recipe, Sha256Digest};
+
+use crate::error::{Error, Result};
+use crate::local::Location;
+use crate::materialize::{self, Target};
+use crate::registry::Registry;
+
+/// Where the caller holds one chunk's uncompressed bytes.
+#[derive(Debug, Clone)]
+pub struct LocalChunk {
+    /// The file holding it.
+    pub path: Arc<PathBuf>,
+    /// Byte offset of the chunk in the file.
+    pub offset: u64,
+    /// Its length.
+    pub len: u32,
+}
+
+/// One blob to write.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobTarget<'a> {
+    /// The repository it is readable in.
+    pub repository: &'a str,
+    /// Its digest (sha256 of the whole file).
+    pub digest: Sha256Digest,
+    /// Its size.
+    pub size: u64,
+    /// The file to write (created or truncated); the caller owns and renames it.
+    pub path: &'a Path,
+}
+
+fn create_empty(path: &Path) -> Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map(drop)
+        .map_err(|e| Error::io("creating", path, e))
+}
+
+/// Writes the blob described by `recipe` to `target.path`: chunks in `local` are copied
+/// from there (each checked against its id), zero chunks are left as holes, the rest are
+/// fetched through the `_thaw` extension. `what` names the file in errors. Counters of
+/// the registry's [`crate::Stats`] say how many bytes came from where.
+pub async fn write_from_recipe(
+    registry: &Registry,
+    target: BlobTarget<'_>,
+    recipe: Recipe,
+    local: HashMap<ChunkId, LocalChunk>,
+    what: &str,
+) -> Result<()> {
+    let local: HashMap<ChunkId, Location> = local
+        .into_iter()
+        .map(|(id, c)| (id, Location { path: c.path, offset: c.offset, len: c.len }))
+        .collect();
+    create_empty(target.path)?;
+    let t = Target {
+        repository: target.repository,
+        digest: target.digest,
+        size: target.size,
+        temp: target.path,
+        what: what.to_owned(),
+    };
+    materialize::from_recipe(registry, &t, recipe, Arc::new(local), None).await
+}
+
+/// Downloads the blob whole with plain `GET`s (a registry without `_thaw`, or a blob
+/// without a recipe), with zero blocks left as holes, and checks its digest.
+pub async fn download(registry: &Registry, target: BlobTarget<'_>, what: &str) -> Result<()> {
+    create_empty(target.path)?;
+    let t = Target {
+        repository: target.repository,
+        digest: target.digest,
+        size: target.size,
+        temp: target.path,
+        what: what.to_owned(),
+    };
+    materialize::download(registry, &t).await
+}
