@@ -24,19 +24,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use thaw_client::blob::{self, BlobTarget, LocalChunk};
-use thaw_client::manifest::{file_layers, FileLayer, ManifestDoc};
 use thaw_client::{ClientOptions, FetchedManifest, Reference, Registry, Stats};
 use thaw_schema::cache_api::{BytesBySource, CacheListing, CachedSnapshot, EnsureResponse};
 use thaw_schema::holdings::{HeldSnapshot, NodeHoldings, MAX_SNAPSHOTS_PER_NODE};
 use thaw_schema::media::FileRole;
-use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
-use tokio::sync::{Notify, OwnedMutexGuard};
+use thaw_schema::Sha256Digest;
+use tokio::sync::Notify;
 
 use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
-use crate::index::{ChunkLocation, FileRecord, Index, LeaseRecord, RefRecord, SnapshotRecord, VolatileBatch};
+use crate::index::{Index, LeaseRecord, RefRecord, SnapshotRecord, VolatileBatch};
 use crate::metrics::Metrics;
+
+mod evict;
+mod materialize;
+
+pub use evict::{DiskReport, ScrubReport};
 
 /// How the cache is set up.
 #[derive(Debug, Clone)]
@@ -137,12 +140,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// What one file of a snapshot being materialized needs.
-struct Planned {
-    layer: FileLayer,
-    recipe: Option<Recipe>,
-}
-
 /// Counts the `ensure`s in progress.
 struct ActiveEnsure<'a>(&'a Cache);
 
@@ -151,28 +148,6 @@ impl Drop for ActiveEnsure<'_> {
         if self.0.active_ensures.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.ensures_idle.notify_waiters();
         }
-    }
-}
-
-/// Pins and a reservation held by a materialization, undone on drop.
-struct Hold<'a> {
-    cache: &'a Cache,
-    pinned: Vec<Sha256Digest>,
-    reserved: u64,
-}
-
-impl Drop for Hold<'_> {
-    fn drop(&mut self) {
-        let mut st = self.cache.state.lock().expect("state lock");
-        for d in &self.pinned {
-            if let Some(n) = st.pins.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    st.pins.remove(d);
-                }
-            }
-        }
-        st.reserved -= self.reserved;
     }
 }
 
@@ -566,365 +541,6 @@ impl Cache {
         self.update_gauges();
     }
 
-    /// Fetches the snapshot into `work/`, verifies it, moves it into `snapshots/` and
-    /// records it. The caller holds the digest's flight lock.
-    async fn materialize(
-        &self,
-        reference: &Reference,
-        digest: Sha256Digest,
-        manifest: Option<FetchedManifest>,
-    ) -> Result<BytesBySource> {
-        let manifest = match manifest {
-            Some(m) if m.digest == digest => m,
-            _ => self.registry.get_manifest(reference.repository(), &digest.to_string()).await?,
-        };
-        if ManifestDoc::is_index(&manifest.media_type) {
-            return Err(CacheError::BadRequest(format!(
-                "{reference} is an index ({}); name one of its manifests by digest",
-                manifest.media_type
-            )));
-        }
-        let doc = ManifestDoc::parse(&manifest)?;
-        let layers = file_layers(&doc, &reference.to_string())?;
-        if layers.is_empty() {
-            return Err(CacheError::BadRequest(format!("{reference} has no files")));
-        }
-        let thaw = self.registry.has_thaw().await?;
-        let mut planned = Vec::new();
-        for layer in layers {
-            let recipe = if thaw {
-                self.registry.recipe(reference.repository(), &layer.descriptor.digest).await?
-            } else {
-                None
-            };
-            planned.push(Planned { layer, recipe });
-        }
-        match self.materialize_planned(reference, digest, &planned, true).await {
-            Err(CacheError::Registry(thaw_client::Error::Integrity { what, why })) => {
-                // A local chunk did not match its id: find the damaged cached snapshots,
-                // drop them, and fetch again from the registry.
-                tracing::warn!(%what, %why, "a local chunk failed its check; scrubbing the sources");
-                let report = self.scrub().await?;
-                tracing::warn!(corrupt = report.corrupt.len(), "scrubbed before retrying");
-                self.materialize_planned(reference, digest, &planned, report.corrupt.is_empty()).await
-            }
-            other => other,
-        }
-    }
-
-    async fn materialize_planned(
-        &self,
-        reference: &Reference,
-        digest: Sha256Digest,
-        planned: &[Planned],
-        use_local: bool,
-    ) -> Result<BytesBySource> {
-        let what = reference.to_string();
-        // Chunks other cached snapshots hold, in snapshots pinned for the duration.
-        let mut ids: Vec<ChunkId> =
-            planned.iter().filter_map(|p| p.recipe.as_ref()).flat_map(Recipe::distinct_chunks).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let estimate: u64 = planned
-            .iter()
-            .map(|p| match &p.recipe {
-                Some(r) => r
-                    .entries
-                    .iter()
-                    .filter(|e| e.chunk_id().is_some())
-                    .map(|e| u64::from(e.byte_len()).div_ceil(4096) * 4096)
-                    .sum(),
-                None => p.layer.descriptor.size,
-            })
-            .sum();
-        // Room first, by least-recent use alone; then the chunks to copy, from what remains.
-        let evicted = {
-            let mut st = self.state.lock().expect("state lock");
-            let evicted = self.make_room(&mut st, estimate, digest)?;
-            st.reserved += estimate;
-            evicted
-        };
-        // Dropped on every way out: unpins the sources and returns the reservation.
-        let mut hold = Hold { cache: self, pinned: Vec::new(), reserved: estimate };
-        self.finish_evictions(evicted).await?;
-        let found = if use_local { self.index.locate(&ids)? } else { HashMap::new() };
-        let sources = {
-            let mut st = self.state.lock().expect("state lock");
-            let mut sources: HashMap<ChunkId, (ChunkLocation, PathBuf)> = HashMap::new();
-            let mut pinned = HashSet::new();
-            for (id, locs) in &found {
-                let usable = locs.iter().find_map(|loc| {
-                    let rec = st.snapshots.get(&loc.snapshot)?;
-                    let file = rec.files.get(usize::from(loc.file))?;
-                    Some((*loc, self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title)))
-                });
-                if let Some((loc, path)) = usable {
-                    pinned.insert(loc.snapshot);
-                    sources.insert(*id, (loc, path));
-                }
-            }
-            for d in &pinned {
-                *st.pins.entry(*d).or_default() += 1;
-            }
-            hold.pinned = pinned.into_iter().collect();
-            sources
-        };
-
-        let work = self.dirs.work.join(format!("{}.{}", digest.hex(), fsutil::nonce()));
-        std::fs::create_dir_all(&work).map_err(|e| CacheError::io("creating", &work, e))?;
-        let result = self.write_files(reference, digest, planned, &sources, &work).await;
-        let (files, chunks, bytes) = match result {
-            Ok(v) => v,
-            Err(e) => {
-                fsutil::remove_all(&work);
-                return Err(e);
-            }
-        };
-        fsutil::sync_dir(&work)?;
-        let dest = self.dirs.snapshots.join(digest.hex());
-        std::fs::rename(&work, &dest).map_err(|e| CacheError::io("moving into place", &dest, e))?;
-        fsutil::sync_dir(&self.dirs.snapshots)?;
-        let record = SnapshotRecord {
-            digest,
-            registry: reference.registry().to_owned(),
-            repository: reference.repository().to_owned(),
-            references: vec![what.clone()],
-            files,
-            allocated_bytes: allocated_bytes(&dest),
-            last_used_ms: now_ms(),
-        };
-        let index_record = record.clone();
-        let insert = {
-            let index = &self.index;
-            tokio::task::block_in_place(|| index.insert_snapshot(&index_record, &chunks))
-        };
-        if let Err(e) = insert {
-            fsutil::remove_all(&dest);
-            return Err(e);
-        }
-        {
-            let mut st = self.state.lock().expect("state lock");
-            st.snapshots.insert(digest, record);
-        }
-        drop(hold);
-        tracing::info!(reference = %what, %digest, local = bytes.local, registry = bytes.registry, "materialized");
-        self.update_gauges();
-        self.holdings_changed.notify_one();
-        Ok(bytes)
-    }
-
-    /// Writes every file of the snapshot into `work`, each verified by the client.
-    async fn write_files(
-        &self,
-        reference: &Reference,
-        digest: Sha256Digest,
-        planned: &[Planned],
-        sources: &HashMap<ChunkId, (ChunkLocation, PathBuf)>,
-        work: &Path,
-    ) -> Result<(Vec<FileRecord>, Vec<(ChunkId, ChunkLocation)>, BytesBySource)> {
-        let mut files = Vec::new();
-        let mut chunks: Vec<(ChunkId, ChunkLocation)> = Vec::new();
-        let mut seen: HashSet<ChunkId> = HashSet::new();
-        let mut bytes = BytesBySource::default();
-        for (i, p) in planned.iter().enumerate() {
-            let d = &p.layer.descriptor;
-            let path = work.join(&p.layer.title);
-            let target = BlobTarget {
-                repository: reference.repository(),
-                digest: d.digest,
-                size: d.size,
-                path: &path,
-            };
-            let what = format!("file {:?} of {reference}", p.layer.title);
-            match &p.recipe {
-                Some(recipe) => {
-                    let mut local = HashMap::new();
-                    let mut fetched = HashSet::new();
-                    let mut offset = 0u64;
-                    for entry in &recipe.entries {
-                        if let RecipeEntry::Data { len, id } = entry {
-                            if let Some((_, src)) = sources.get(id) {
-                                let (loc, path) = (sources[id].0, src.clone());
-                                local.insert(
-                                    *id,
-                                    LocalChunk { path: Arc::new(path), offset: loc.offset, len: loc.len },
-                                );
-                                bytes.local += u64::from(*len);
-                            } else if fetched.insert(*id) {
-                                bytes.registry += u64::from(*len);
-                            } else {
-                                bytes.local += u64::from(*len);
-                            }
-                            if seen.insert(*id) {
-                                let file = u16::try_from(i).map_err(|_| {
-                                    CacheError::BadRequest(format!("{reference} has too many files"))
-                                })?;
-                                chunks
-                                    .push((*id, ChunkLocation { snapshot: digest, file, offset, len: *len }));
-                            }
-                        }
-                        offset += u64::from(entry.byte_len());
-                    }
-                    blob::write_from_recipe(&self.registry, target, recipe.clone(), local, &what).await?;
-                }
-                None => {
-                    blob::download(&self.registry, target, &what).await?;
-                    bytes.registry += d.size;
-                }
-            }
-            let meta = std::fs::metadata(&path).map_err(|e| CacheError::io("reading", &path, e))?;
-            files.push(FileRecord {
-                title: p.layer.title.clone(),
-                role: d.role().map(|r| r.key().to_owned()),
-                digest: d.digest,
-                size: d.size,
-                mtime_ns: fsutil::mtime_ns(&meta),
-            });
-        }
-        Ok((files, chunks, bytes))
-    }
-
-    /// Evicts least-recently-used snapshots that are neither leased, pinned, nor busy until
-    /// `needed` more bytes fit. Takes each victim out of `snapshots/` and the state now; the
-    /// returned guards are held until [`Self::finish_evictions`] has removed its record.
-    fn make_room(
-        &self,
-        st: &mut State,
-        needed: u64,
-        exclude: Sha256Digest,
-    ) -> Result<Vec<(Sha256Digest, PathBuf, OwnedMutexGuard<()>)>> {
-        let mut evicted = Vec::new();
-        // Spare disk copies go first: they are only a head start for the next hit.
-        if st.used() + needed > self.config.capacity {
-            for (_, spare) in st.spares.drain() {
-                fsutil::remove_all(&spare.path);
-            }
-        }
-        while st.used() + needed > self.config.capacity {
-            let mut candidates: Vec<(u64, Sha256Digest)> = st
-                .snapshots
-                .values()
-                .filter(|s| s.digest != exclude && !st.pins.contains_key(&s.digest) && !st.leased(&s.digest))
-                .map(|s| (s.last_used_ms, s.digest))
-                .collect();
-            candidates.sort_unstable();
-            let victim =
-                candidates.into_iter().find_map(|(_, d)| Some((d, self.flight(d).try_lock_owned().ok()?)));
-            let Some((victim, guard)) = victim else {
-                let leased: u64 =
-                    st.snapshots.values().filter(|s| st.leased(&s.digest)).map(|s| s.allocated_bytes).sum();
-                return Err(CacheError::NoSpace(format!(
-                    "the snapshot needs about {needed} bytes, but the cache holds {} of its {} bytes, {leased} of them in leased snapshots that cannot be evicted; release leases or raise --capacity",
-                    st.used(),
-                    self.config.capacity
-                )));
-            };
-            let dir = self.dirs.snapshots.join(victim.hex());
-            let doomed = self.dirs.work.join(format!("evicted-{}.{}", victim.hex(), fsutil::nonce()));
-            std::fs::rename(&dir, &doomed).map_err(|e| CacheError::io("evicting", &dir, e))?;
-            st.snapshots.remove(&victim);
-            if let Some(spare) = st.spares.remove(&victim) {
-                fsutil::remove_all(&spare.path);
-            }
-            tracing::info!(digest = %victim, "evicting the least recently used snapshot");
-            evicted.push((victim, doomed, guard));
-        }
-        Ok(evicted)
-    }
-
-    async fn finish_evictions(
-        &self,
-        evicted: Vec<(Sha256Digest, PathBuf, OwnedMutexGuard<()>)>,
-    ) -> Result<()> {
-        if evicted.is_empty() {
-            return Ok(());
-        }
-        for (digest, doomed, guard) in evicted {
-            tokio::task::block_in_place(|| self.index.remove_snapshot(&digest))?;
-            drop(guard);
-            fsutil::remove_all(&doomed);
-            self.metrics.evictions.fetch_add(1, Ordering::Relaxed);
-        }
-        self.update_gauges();
-        self.holdings_changed.notify_one();
-        Ok(())
-    }
-
-    /// Checks every file of a snapshot against its digest.
-    async fn verify(&self, record: &SnapshotRecord) -> Result<bool> {
-        let dir = self.dirs.snapshots.join(record.digest.hex());
-        let files: Vec<(PathBuf, Sha256Digest, u64)> =
-            record.files.iter().map(|f| (dir.join(&f.title), f.digest, f.size)).collect();
-        tokio::task::spawn_blocking(move || {
-            for (path, digest, size) in files {
-                match fsutil::sha256_file(&path) {
-                    Ok((d, n)) if d == digest && n == size => {}
-                    Ok(_) | Err(_) => return false,
-                }
-            }
-            true
-        })
-        .await
-        .map_err(|e| CacheError::Index(format!("verify task: {e}")))
-    }
-
-    /// Drops a damaged snapshot: out of the state and `snapshots/`, then out of the index,
-    /// then its bytes. Its leases end (their private disk copies stay valid for whoever has
-    /// them open).
-    async fn quarantine(&self, digest: &Sha256Digest) -> Result<()> {
-        let doomed = {
-            let mut st = self.state.lock().expect("state lock");
-            if st.snapshots.remove(digest).is_none() {
-                return Ok(());
-            }
-            if let Some(spare) = st.spares.remove(digest) {
-                fsutil::remove_all(&spare.path);
-            }
-            let leases: Vec<String> = st
-                .leases
-                .iter()
-                .filter(|(_, l)| l.record.digest == *digest)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in leases {
-                st.leases.remove(&id);
-                fsutil::remove_all(&self.dirs.leases.join(&id));
-            }
-            let dir = self.dirs.snapshots.join(digest.hex());
-            let doomed = self.dirs.work.join(format!("corrupt-{}.{}", digest.hex(), fsutil::nonce()));
-            std::fs::rename(&dir, &doomed).map_err(|e| CacheError::io("quarantining", &dir, e))?;
-            doomed
-        };
-        tokio::task::block_in_place(|| self.index.remove_snapshot(digest))?;
-        fsutil::remove_all(&doomed);
-        self.metrics.corrupt.fetch_add(1, Ordering::Relaxed);
-        self.update_gauges();
-        self.holdings_changed.notify_one();
-        Ok(())
-    }
-
-    /// Verifies every cached snapshot and drops the damaged ones.
-    pub async fn scrub(&self) -> Result<ScrubReport> {
-        let records: Vec<SnapshotRecord> =
-            self.state.lock().expect("state lock").snapshots.values().cloned().collect();
-        let mut report = ScrubReport { checked: 0, corrupt: Vec::new() };
-        for record in records {
-            let flight = self.flight(record.digest);
-            // A snapshot being materialized or evicted right now is not checked.
-            let Ok(_guard) = flight.try_lock() else { continue };
-            if !self.state.lock().expect("state lock").snapshots.contains_key(&record.digest) {
-                continue;
-            }
-            report.checked += 1;
-            if !self.verify(&record).await? {
-                tracing::warn!(digest = %record.digest, "scrub: a cached file does not match its digest; dropping the snapshot");
-                self.quarantine(&record.digest).await?;
-                report.corrupt.push(record.digest);
-            }
-        }
-        Ok(report)
-    }
-
     /// The cache's contents, most recently used first.
     pub fn listing(&self) -> CacheListing {
         let st = self.state.lock().expect("state lock");
@@ -1069,24 +685,4 @@ async fn copy_blocking(from: &Path, to: &Path) -> Result<u64> {
     tokio::task::spawn_blocking(move || fsutil::sparse_copy(&from, &to))
         .await
         .map_err(|e| CacheError::Index(format!("copy task: {e}")))?
-}
-
-/// What a scrub found.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ScrubReport {
-    /// Snapshots checked.
-    pub checked: usize,
-    /// Snapshots found damaged and dropped.
-    pub corrupt: Vec<Sha256Digest>,
-}
-
-/// Disk accounting, for consistency checks.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DiskReport {
-    /// Chunk locations the index holds.
-    pub chunk_locations: u64,
-    /// Bytes allocated under `snapshots/` and `leases/`.
-    pub allocated_on_disk: u64,
-    /// Bytes the index accounts for snapshots and leases' private copies.
-    pub used_by_index: u64,
 }

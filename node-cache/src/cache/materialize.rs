@@ -1,0 +1,266 @@
+//! Materializing a snapshot: recipes from the registry, room made by eviction, chunks
+//! copied from cached snapshots (pinned meanwhile) or fetched, every file verified in
+//! `work/`, then moved into `snapshots/` and recorded.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thaw_client::blob::{self, BlobTarget, LocalChunk};
+use thaw_client::manifest::{file_layers, FileLayer, ManifestDoc};
+use thaw_client::{FetchedManifest, Reference};
+use thaw_schema::cache_api::BytesBySource;
+use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
+
+use super::{now_ms, Cache};
+use crate::error::{CacheError, Result};
+use crate::fsutil::{self, allocated_bytes};
+use crate::index::{ChunkLocation, FileRecord, SnapshotRecord};
+
+/// What one file of a snapshot being materialized needs.
+struct Planned {
+    layer: FileLayer,
+    recipe: Option<Recipe>,
+}
+
+/// Pins and a reservation held by a materialization, undone on drop.
+struct Hold<'a> {
+    cache: &'a Cache,
+    pinned: Vec<Sha256Digest>,
+    reserved: u64,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut st = self.cache.state.lock().expect("state lock");
+        for d in &self.pinned {
+            if let Some(n) = st.pins.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pins.remove(d);
+                }
+            }
+        }
+        st.reserved -= self.reserved;
+    }
+}
+
+impl Cache {
+    /// Fetches the snapshot into `work/`, verifies it, moves it into `snapshots/` and
+    /// records it. The caller holds the digest's flight lock.
+    pub(super) async fn materialize(
+        &self,
+        reference: &Reference,
+        digest: Sha256Digest,
+        manifest: Option<FetchedManifest>,
+    ) -> Result<BytesBySource> {
+        let manifest = match manifest {
+            Some(m) if m.digest == digest => m,
+            _ => self.registry.get_manifest(reference.repository(), &digest.to_string()).await?,
+        };
+        if ManifestDoc::is_index(&manifest.media_type) {
+            return Err(CacheError::BadRequest(format!(
+                "{reference} is an index ({}); name one of its manifests by digest",
+                manifest.media_type
+            )));
+        }
+        let doc = ManifestDoc::parse(&manifest)?;
+        let layers = file_layers(&doc, &reference.to_string())?;
+        if layers.is_empty() {
+            return Err(CacheError::BadRequest(format!("{reference} has no files")));
+        }
+        let thaw = self.registry.has_thaw().await?;
+        let mut planned = Vec::new();
+        for layer in layers {
+            let recipe = if thaw {
+                self.registry.recipe(reference.repository(), &layer.descriptor.digest).await?
+            } else {
+                None
+            };
+            planned.push(Planned { layer, recipe });
+        }
+        match self.materialize_planned(reference, digest, &planned, true).await {
+            Err(CacheError::Registry(thaw_client::Error::Integrity { what, why })) => {
+                // A local chunk did not match its id: find the damaged cached snapshots,
+                // drop them, and fetch again from the registry.
+                tracing::warn!(%what, %why, "a local chunk failed its check; scrubbing the sources");
+                let report = self.scrub().await?;
+                tracing::warn!(corrupt = report.corrupt.len(), "scrubbed before retrying");
+                self.materialize_planned(reference, digest, &planned, report.corrupt.is_empty()).await
+            }
+            other => other,
+        }
+    }
+
+    async fn materialize_planned(
+        &self,
+        reference: &Reference,
+        digest: Sha256Digest,
+        planned: &[Planned],
+        use_local: bool,
+    ) -> Result<BytesBySource> {
+        let what = reference.to_string();
+        // Chunks other cached snapshots hold, in snapshots pinned for the duration.
+        let mut ids: Vec<ChunkId> =
+            planned.iter().filter_map(|p| p.recipe.as_ref()).flat_map(Recipe::distinct_chunks).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let estimate: u64 = planned
+            .iter()
+            .map(|p| match &p.recipe {
+                Some(r) => r
+                    .entries
+                    .iter()
+                    .filter(|e| e.chunk_id().is_some())
+                    .map(|e| u64::from(e.byte_len()).div_ceil(4096) * 4096)
+                    .sum(),
+                None => p.layer.descriptor.size,
+            })
+            .sum();
+        // Room first, by least-recent use alone; then the chunks to copy, from what remains.
+        let evicted = {
+            let mut st = self.state.lock().expect("state lock");
+            let evicted = self.make_room(&mut st, estimate, digest)?;
+            st.reserved += estimate;
+            evicted
+        };
+        // Dropped on every way out: unpins the sources and returns the reservation.
+        let mut hold = Hold { cache: self, pinned: Vec::new(), reserved: estimate };
+        self.finish_evictions(evicted).await?;
+        let found = if use_local { self.index.locate(&ids)? } else { HashMap::new() };
+        let sources = {
+            let mut st = self.state.lock().expect("state lock");
+            let mut sources: HashMap<ChunkId, (ChunkLocation, PathBuf)> = HashMap::new();
+            let mut pinned = HashSet::new();
+            for (id, locs) in &found {
+                let usable = locs.iter().find_map(|loc| {
+                    let rec = st.snapshots.get(&loc.snapshot)?;
+                    let file = rec.files.get(usize::from(loc.file))?;
+                    Some((*loc, self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title)))
+                });
+                if let Some((loc, path)) = usable {
+                    pinned.insert(loc.snapshot);
+                    sources.insert(*id, (loc, path));
+                }
+            }
+            for d in &pinned {
+                *st.pins.entry(*d).or_default() += 1;
+            }
+            hold.pinned = pinned.into_iter().collect();
+            sources
+        };
+
+        let work = self.dirs.work.join(format!("{}.{}", digest.hex(), fsutil::nonce()));
+        std::fs::create_dir_all(&work).map_err(|e| CacheError::io("creating", &work, e))?;
+        let result = self.write_files(reference, digest, planned, &sources, &work).await;
+        let (files, chunks, bytes) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                fsutil::remove_all(&work);
+                return Err(e);
+            }
+        };
+        fsutil::sync_dir(&work)?;
+        let dest = self.dirs.snapshots.join(digest.hex());
+        std::fs::rename(&work, &dest).map_err(|e| CacheError::io("moving into place", &dest, e))?;
+        fsutil::sync_dir(&self.dirs.snapshots)?;
+        let record = SnapshotRecord {
+            digest,
+            registry: reference.registry().to_owned(),
+            repository: reference.repository().to_owned(),
+            references: vec![what.clone()],
+            files,
+            allocated_bytes: allocated_bytes(&dest),
+            last_used_ms: now_ms(),
+        };
+        let index_record = record.clone();
+        let insert = {
+            let index = &self.index;
+            tokio::task::block_in_place(|| index.insert_snapshot(&index_record, &chunks))
+        };
+        if let Err(e) = insert {
+            fsutil::remove_all(&dest);
+            return Err(e);
+        }
+        {
+            let mut st = self.state.lock().expect("state lock");
+            st.snapshots.insert(digest, record);
+        }
+        drop(hold);
+        tracing::info!(reference = %what, %digest, local = bytes.local, registry = bytes.registry, "materialized");
+        self.update_gauges();
+        self.holdings_changed.notify_one();
+        Ok(bytes)
+    }
+
+    /// Writes every file of the snapshot into `work`, each verified by the client.
+    async fn write_files(
+        &self,
+        reference: &Reference,
+        digest: Sha256Digest,
+        planned: &[Planned],
+        sources: &HashMap<ChunkId, (ChunkLocation, PathBuf)>,
+        work: &Path,
+    ) -> Result<(Vec<FileRecord>, Vec<(ChunkId, ChunkLocation)>, BytesBySource)> {
+        let mut files = Vec::new();
+        let mut chunks: Vec<(ChunkId, ChunkLocation)> = Vec::new();
+        let mut seen: HashSet<ChunkId> = HashSet::new();
+        let mut bytes = BytesBySource::default();
+        for (i, p) in planned.iter().enumerate() {
+            let d = &p.layer.descriptor;
+            let path = work.join(&p.layer.title);
+            let target = BlobTarget {
+                repository: reference.repository(),
+                digest: d.digest,
+                size: d.size,
+                path: &path,
+            };
+            let what = format!("file {:?} of {reference}", p.layer.title);
+            match &p.recipe {
+                Some(recipe) => {
+                    let mut local = HashMap::new();
+                    let mut fetched = HashSet::new();
+                    let mut offset = 0u64;
+                    for entry in &recipe.entries {
+                        if let RecipeEntry::Data { len, id } = entry {
+                            if let Some((_, src)) = sources.get(id) {
+                                let (loc, path) = (sources[id].0, src.clone());
+                                local.insert(
+                                    *id,
+                                    LocalChunk { path: Arc::new(path), offset: loc.offset, len: loc.len },
+                                );
+                                bytes.local += u64::from(*len);
+                            } else if fetched.insert(*id) {
+                                bytes.registry += u64::from(*len);
+                            } else {
+                                bytes.local += u64::from(*len);
+                            }
+                            if seen.insert(*id) {
+                                let file = u16::try_from(i).map_err(|_| {
+                                    CacheError::BadRequest(format!("{reference} has too many files"))
+                                })?;
+                                chunks
+                                    .push((*id, ChunkLocation { snapshot: digest, file, offset, len: *len }));
+                            }
+                        }
+                        offset += u64::from(entry.byte_len());
+                    }
+                    blob::write_from_recipe(&self.registry, target, recipe.clone(), local, &what).await?;
+                }
+                None => {
+                    blob::download(&self.registry, target, &what).await?;
+                    bytes.registry += d.size;
+                }
+            }
+            let meta = std::fs::metadata(&path).map_err(|e| CacheError::io("reading", &path, e))?;
+            files.push(FileRecord {
+                title: p.layer.title.clone(),
+                role: d.role().map(|r| r.key().to_owned()),
+                digest: d.digest,
+                size: d.size,
+                mtime_ns: fsutil::mtime_ns(&meta),
+            });
+        }
+        Ok((files, chunks, bytes))
+    }
+}
