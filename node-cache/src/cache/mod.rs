@@ -133,6 +133,8 @@ pub struct Cache {
     pub(crate) holdings_changed: Notify,
     /// Woken when volatile state needs writing.
     dirty: Notify,
+    /// Woken when a spare disk copy was used up or a snapshot arrived.
+    spares_wanted: Notify,
     pub(crate) metrics: Metrics,
 }
 
@@ -224,6 +226,7 @@ impl Cache {
             prefetch_slot: tokio::sync::Semaphore::new(1),
             holdings_changed: Notify::new(),
             dirty: Notify::new(),
+            spares_wanted: Notify::new(),
             metrics: Metrics::default(),
             config,
         });
@@ -430,6 +433,7 @@ impl Cache {
         }
         self.update_gauges();
         self.holdings_changed.notify_one();
+        self.spares_wanted.notify_one();
         Ok(Some(EnsureResponse {
             reference: key.to_owned(),
             digest,
@@ -640,17 +644,26 @@ impl Cache {
                     .collect()
             };
             for d in wanted {
-                // Spares use spare capacity only.
+                // Copies wait for restores in progress, which need the disk more.
+                loop {
+                    let idle = self.ensures_idle.notified();
+                    if self.active_ensures.load(Ordering::SeqCst) == 0 {
+                        break;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
+                }
+                // Spares use spare capacity only (the whole snapshot's size: an upper bound).
                 let fits = {
                     let st = self.state.lock().expect("state lock");
-                    let disk = st.snapshots.get(&d).map_or(0, |s| s.allocated_bytes);
-                    st.used() + disk <= self.config.capacity
+                    let bound = st.snapshots.get(&d).map_or(0, |s| s.allocated_bytes);
+                    st.used() + bound <= self.config.capacity
                 };
-                if fits && self.active_ensures.load(Ordering::SeqCst) == 0 {
+                if fits {
                     self.prepare_spare(d).await;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let wanted = self.spares_wanted.notified();
+            let _ = tokio::time::timeout(Duration::from_secs(1), wanted).await;
         }
     }
 
@@ -682,7 +695,11 @@ impl Cache {
 
 async fn copy_blocking(from: &Path, to: &Path) -> Result<u64> {
     let (from, to) = (from.to_owned(), to.to_owned());
-    tokio::task::spawn_blocking(move || fsutil::sparse_copy(&from, &to))
-        .await
-        .map_err(|e| CacheError::Index(format!("copy task: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        let (allocated, kind) = fsutil::private_copy(&from, &to)?;
+        tracing::debug!(?kind, allocated, to = %to.display(), "private disk copy");
+        Ok(allocated)
+    })
+    .await
+    .map_err(|e| CacheError::Index(format!("copy task: {e}")))?
 }
