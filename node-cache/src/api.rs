@@ -90,5 +90,6 @@ async fn disk(State(cache): State<Arc<Cache>>) -> Result<Response> {
 }
 
 async fn metrics(State(cache): State<Arc<Cache>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], cache.metrics.render()).into_response()
+    let text = cache.metrics.render() + &cache.peers.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -34,6 +34,12 @@ pub enum CacheError {
     /// The index database failed.
     #[error("cache index: {0}")]
     Index(String),
+    /// A peer request without the cluster token (peer API only).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The peer service is at its upload limits; ask elsewhere (peer API only).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Results of the cache.
@@ -54,6 +60,8 @@ impl CacheError {
             Self::Registry(e) if e.is_usage() => StatusCode::BAD_REQUEST,
             Self::Registry(_) => StatusCode::BAD_GATEWAY,
             Self::Io { .. } | Self::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -67,6 +75,8 @@ impl CacheError {
             Self::Registry(_) => "REGISTRY",
             Self::Io { .. } => "IO",
             Self::Index(_) => "INDEX",
+            Self::Unauthorized(_) => "UNAUTHORIZED",
+            Self::Busy(_) => "BUSY",
         }
     }
 }
@@ -92,7 +102,7 @@ struct ErrorDetail<'a> {
 impl IntoResponse for CacheError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if status.is_server_error() && !matches!(self, Self::Busy(_)) {
             tracing::warn!(error = %self, "request failed");
         }
         let mut message = self.to_string();

@@ -5,7 +5,9 @@
 //! snapshot from local disk and fetching only the rest), leases keep snapshots in use from
 //! eviction, capacity is bounded in allocated bytes with least-recently-used eviction, and
 //! what the node holds is published to the registry's node directory. The cached files are
-//! the chunk store: a redb index maps each chunk id to a file and offset holding it.
+//! the chunk store: a redb index maps each chunk id to a file and offset holding it. Node
+//! caches serve each other the chunks of their complete snapshots ([`peer`]), authenticated
+//! by a cluster token, and fetch from peers before the registry, verifying every chunk.
 //!
 //! It must not re-implement the registry protocol (that is `thaw-client`) nor formats (that
 //! is `thaw-schema`), and it never reports a snapshot present before every file is verified.
@@ -18,6 +20,8 @@ mod fsutil;
 pub mod holdings;
 mod index;
 mod metrics;
+pub mod peer;
 
 pub use cache::{Cache, CacheConfig, DiskReport, ScrubReport};
 pub use error::{CacheError, Result};
+pub use peer::{PeerOptions, PeerToken};

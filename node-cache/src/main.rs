@@ -1,5 +1,7 @@
-//! `thaw-node-cache`: configuration, logging, signals, then serve the local API.
+//! `thaw-node-cache`: configuration, logging, signals, then serve the local API (and the
+//! peer API, with `--peer-listen`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use thaw_client::{ClientOptions, Registry, Stats};
 use thaw_node_cache::holdings::{run_publisher, RegistryDirectory};
-use thaw_node_cache::{api, Cache, CacheConfig};
+use thaw_node_cache::{api, peer, Cache, CacheConfig, PeerOptions, PeerToken};
 
 /// A bounded snapshot cache on a worker node: restores snapshots from the chunks it lacks.
 #[derive(Debug, Parser)]
@@ -38,6 +40,86 @@ struct Args {
     /// Do not publish holdings to the registry's node directory.
     #[arg(long)]
     no_publish: bool,
+    /// Serve chunks to other nodes on this address (`host:port`), apart from the local API.
+    /// Needs a cluster token (`--peer-token-file`, `THAW_PEER_TOKEN`) or `--peer-insecure`.
+    #[arg(long, env = "THAW_PEER_LISTEN")]
+    peer_listen: Option<String>,
+    /// The `host:port` other nodes reach the peer service at, published in the holdings;
+    /// default: the address `--peer-listen` bound (which must then not be a wildcard).
+    #[arg(long, env = "THAW_PEER_ADVERTISE")]
+    peer_advertise: Option<String>,
+    /// A file holding the cluster token (at least 16 printable characters): required from
+    /// peers, presented to them. With a token, this node fetches chunks from peers.
+    /// Without it, the token is read from `THAW_PEER_TOKEN` if set.
+    #[arg(long, env = "THAW_PEER_TOKEN_FILE")]
+    peer_token_file: Option<PathBuf>,
+    /// Serve and fetch peer chunks without a token: anyone who reaches the peer port can
+    /// read every cached snapshot. Only for isolated test networks.
+    #[arg(long)]
+    peer_insecure: bool,
+    /// Milliseconds a peer may take to answer one batch before it counts as failed.
+    #[arg(long, env = "THAW_PEER_TIMEOUT_MS", default_value_t = 5000)]
+    peer_timeout_ms: u64,
+    /// Seconds a failed peer is avoided.
+    #[arg(long, env = "THAW_PEER_PENALTY_SECS", default_value_t = 60)]
+    peer_penalty_secs: u64,
+    /// Peer requests served at once, in total.
+    #[arg(long, env = "THAW_PEER_MAX_UPLOADS", default_value_t = 4)]
+    peer_max_uploads: usize,
+    /// Peer requests served at once to one peer address.
+    #[arg(long, env = "THAW_PEER_MAX_UPLOADS_PER_PEER", default_value_t = 2)]
+    peer_max_uploads_per_peer: usize,
+}
+
+/// The P2P options from the command line, and the peer listener if one is wanted.
+async fn peer_setup(
+    args: &Args,
+) -> anyhow::Result<(PeerOptions, Option<tokio::net::TcpListener>, Option<String>)> {
+    let from_env = std::env::var("THAW_PEER_TOKEN").ok().filter(|t| !t.is_empty());
+    let token = match (&args.peer_token_file, from_env) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--peer-token-file {}: {e}", path.display()))?;
+            Some(
+                PeerToken::new(&text)
+                    .map_err(|e| anyhow::anyhow!("--peer-token-file {}: {e}", path.display()))?,
+            )
+        }
+        (None, Some(t)) => Some(PeerToken::new(&t).map_err(|e| anyhow::anyhow!("THAW_PEER_TOKEN: {e}"))?),
+        (None, None) => None,
+    };
+    let options = PeerOptions {
+        token,
+        insecure: args.peer_insecure,
+        timeout: Duration::from_millis(args.peer_timeout_ms),
+        penalty: Duration::from_secs(args.peer_penalty_secs),
+        max_uploads: args.peer_max_uploads,
+        max_uploads_per_peer: args.peer_max_uploads_per_peer,
+    };
+    let Some(addr) = &args.peer_listen else {
+        return Ok((options, None, None));
+    };
+    if options.token.is_none() && !options.insecure {
+        anyhow::bail!(
+            "--peer-listen {addr}: the peer service needs a cluster token (--peer-token-file or \
+             THAW_PEER_TOKEN); --peer-insecure serves without one"
+        );
+    }
+    if options.token.is_none() {
+        tracing::warn!("serving peers WITHOUT authentication (--peer-insecure)");
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--peer-listen {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let advertise = match &args.peer_advertise {
+        Some(a) => a.clone(),
+        None if bound.ip().is_unspecified() => anyhow::bail!(
+            "--peer-listen {addr} binds every address; say which one peers use with --peer-advertise"
+        ),
+        None => bound.to_string(),
+    };
+    Ok((options, Some(listener), Some(advertise)))
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -81,6 +163,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => (args.registry.clone(), args.plain_http),
     };
     let client = ClientOptions { plain_http, ..ClientOptions::default() };
+    let (peer_options, peer_listener, peer_endpoint) = peer_setup(&args).await?;
     let config = CacheConfig {
         registry: host.clone(),
         client: client.clone(),
@@ -88,7 +171,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         capacity: args.capacity,
         node_name: args.node_name.clone(),
         tag_ttl: Duration::from_secs(args.tag_ttl),
-        peer_endpoint: None,
+        peer_endpoint,
+        peer: peer_options,
     };
     thaw_schema::holdings::validate_node_name(&args.node_name)?;
     let cache = Cache::open(config)?;
@@ -110,6 +194,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             RegistryDirectory::new(registry),
             Duration::from_millis(250),
         ));
+    }
+    if let Some(listener) = peer_listener {
+        tracing::info!(addr = %listener.local_addr()?, advertised = ?cache.config().peer_endpoint, "peer service listening");
+        let app = peer::serve::app(cache.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the peer service stopped");
+            }
+        });
     }
     let app = api::app(cache.clone());
     let shutdown = async {

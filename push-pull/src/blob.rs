@@ -2,11 +2,15 @@
 //! a recipe, with chunks the caller already holds on local disk copied instead of fetched,
 //! or by a plain download. Every local chunk is checked against its id when read, and the
 //! whole file against its digest before this returns `Ok`; the caller renames it into place.
+//! A caller may also plug in a second chunk source tried before the registry (the node
+//! cache's peers, [`ChunkSource`]); whatever it does not deliver, or delivers wrong, is
+//! fetched from the registry chunk by chunk.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use thaw_schema::{ChunkId, Recipe, Sha256Digest};
 
 use crate::error::{Error, Result};
@@ -23,6 +27,22 @@ pub struct LocalChunk {
     pub offset: u64,
     /// Its length.
     pub len: u32,
+}
+
+/// A source of chunks tried before the registry: the node cache's peers.
+///
+/// `fetch` is asked for one batch of chunks of `blob` (ids with their uncompressed lengths)
+/// and answers the uncompressed bytes of those it could get, in any order; it never fails (a
+/// source that cannot help answers nothing). The source checks every chunk against its id
+/// (`EncodedChunk::decode`) and the writer checks again: a chunk whose bytes do not hash to
+/// its id, or have another length, is dropped and fetched from the registry instead.
+pub trait ChunkSource: Send + Sync {
+    /// Fetches what it can of `ids`.
+    fn fetch<'a>(
+        &'a self,
+        blob: Sha256Digest,
+        ids: &'a [(ChunkId, u32)],
+    ) -> BoxFuture<'a, Vec<(ChunkId, Vec<u8>)>>;
 }
 
 /// One blob to write.
@@ -59,6 +79,19 @@ pub async fn write_from_recipe(
     local: HashMap<ChunkId, LocalChunk>,
     what: &str,
 ) -> Result<()> {
+    write_from_recipe_with(registry, target, recipe, local, None, what).await
+}
+
+/// [`write_from_recipe`], asking `peers` for each batch of chunks before the registry. The
+/// registry's [`crate::Stats`] count only what the registry sent; the source counts its own.
+pub async fn write_from_recipe_with(
+    registry: &Registry,
+    target: BlobTarget<'_>,
+    recipe: Recipe,
+    local: HashMap<ChunkId, LocalChunk>,
+    peers: Option<Arc<dyn ChunkSource>>,
+    what: &str,
+) -> Result<()> {
     let local: HashMap<ChunkId, Location> = local
         .into_iter()
         .map(|(id, c)| (id, Location { path: c.path, offset: c.offset, len: c.len }))
@@ -71,7 +104,7 @@ pub async fn write_from_recipe(
         temp: target.path,
         what: what.to_owned(),
     };
-    materialize::from_recipe(registry, &t, recipe, Arc::new(local), None).await
+    materialize::from_recipe_with(registry, &t, recipe, Arc::new(local), None, peers).await
 }
 
 /// Downloads the blob whole with plain `GET`s (a registry without `_thaw`, or a blob

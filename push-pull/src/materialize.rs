@@ -12,6 +12,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use reqwest::StatusCode;
 use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
 
+use crate::blob::ChunkSource;
 use crate::error::{Error, Result};
 use crate::local::{ChunkCache, Location, OpenFiles};
 use crate::registry::{is_retryable, Registry};
@@ -37,6 +38,19 @@ pub(crate) async fn from_recipe(
     local: Arc<HashMap<ChunkId, Location>>,
     cache: Option<ChunkCache>,
 ) -> Result<()> {
+    from_recipe_with(registry, target, recipe, local, cache, None).await
+}
+
+/// [`from_recipe`] with a second chunk source asked for each batch before the registry;
+/// chunks it does not deliver, or delivers wrong, come from the registry.
+pub(crate) async fn from_recipe_with(
+    registry: &Registry,
+    target: &Target<'_>,
+    recipe: Recipe,
+    local: Arc<HashMap<ChunkId, Location>>,
+    cache: Option<ChunkCache>,
+    peers: Option<Arc<dyn ChunkSource>>,
+) -> Result<()> {
     if recipe.size != target.size {
         return Err(Error::integrity(
             &target.what,
@@ -58,16 +72,16 @@ pub(crate) async fn from_recipe(
         .into_iter()
         .filter(|id| !local.contains_key(id) && !cached.contains(id))
         .collect();
-    let mut batches: Vec<Vec<ChunkId>> = Vec::new();
+    let mut batches: Vec<Vec<(ChunkId, u32)>> = Vec::new();
     let mut raw = 0u64;
     for id in remote {
-        let len = u64::from(lens[&id]);
-        if batches.is_empty() || raw + len > FETCH_BATCH_RAW_BYTES {
+        let len = lens[&id];
+        if batches.is_empty() || raw + u64::from(len) > FETCH_BATCH_RAW_BYTES {
             batches.push(Vec::new());
             raw = 0;
         }
-        raw += len;
-        batches.last_mut().expect("a batch").push(id);
+        raw += u64::from(len);
+        batches.last_mut().expect("a batch").push((id, len));
     }
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<(ChunkId, Vec<u8>)>>(2);
@@ -75,15 +89,36 @@ pub(crate) async fn from_recipe(
     let fetch_cache = cache.clone();
     let fetches = async move {
         let decoded = futures::stream::iter(batches)
-            .map(|ids| {
+            .map(|wanted| {
                 let cache = fetch_cache.clone();
                 let stats = stats.clone();
                 let what = target.what.clone();
+                let peers = peers.clone();
                 async move {
-                    let chunks = registry.fetch_chunks(target.repository, &blob, &ids).await?;
-                    tokio::task::spawn_blocking(move || decode_batch(chunks, cache.as_ref(), &stats, &what))
+                    let from_peers = match &peers {
+                        Some(p) => {
+                            let got = p.fetch(blob, &wanted).await;
+                            let wanted = wanted.clone();
+                            tokio::task::spawn_blocking(move || recheck(got, &wanted))
+                                .await
+                                .expect("check task")
+                        }
+                        None => HashMap::new(),
+                    };
+                    let rest: Vec<ChunkId> =
+                        wanted.iter().map(|(id, _)| *id).filter(|id| !from_peers.contains_key(id)).collect();
+                    let mut out = if rest.is_empty() {
+                        Vec::new()
+                    } else {
+                        let chunks = registry.fetch_chunks(target.repository, &blob, &rest).await?;
+                        tokio::task::spawn_blocking(move || {
+                            decode_batch(chunks, cache.as_ref(), &stats, &what)
+                        })
                         .await
-                        .expect("decode task")
+                        .expect("decode task")?
+                    };
+                    out.extend(from_peers);
+                    Ok::<_, Error>(out)
                 }
             })
             .buffered(TRANSFER_CONCURRENCY);
@@ -102,6 +137,22 @@ pub(crate) async fn from_recipe(
     let (fetched, written) = tokio::join!(fetches, writer);
     fetched?;
     written.expect("writer task")
+}
+
+/// The chunks a [`ChunkSource`] delivered that are among those asked for, have the
+/// length asked for and hash to their id; the others are dropped (the registry sends them).
+fn recheck(got: Vec<(ChunkId, Vec<u8>)>, wanted: &[(ChunkId, u32)]) -> HashMap<ChunkId, Vec<u8>> {
+    let lens: HashMap<ChunkId, u32> = wanted.iter().copied().collect();
+    let mut out = HashMap::with_capacity(got.len());
+    for (id, data) in got {
+        let fits = lens.get(&id).is_some_and(|len| data.len() == *len as usize);
+        if fits && ChunkId::of(&data) == id {
+            out.insert(id, data);
+        } else {
+            tracing::warn!(chunk = %id, "a peer chunk failed its check; fetching it from the registry");
+        }
+    }
+    out
 }
 
 fn decode_batch(

@@ -1,12 +1,13 @@
 //! Materializing a snapshot: recipes from the registry, room made by eviction, chunks
 //! copied from cached snapshots (pinned meanwhile) or fetched, every file verified in
-//! `work/`, then moved into `snapshots/` and recorded.
+//! `work/`, then moved into `snapshots/` and recorded. Chunks not held locally are asked
+//! of peers (when P2P is on) before the registry.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use thaw_client::blob::{self, BlobTarget, LocalChunk};
+use thaw_client::blob::{self, BlobTarget, ChunkSource, LocalChunk};
 use thaw_client::manifest::{file_layers, FileLayer, ManifestDoc};
 use thaw_client::{FetchedManifest, Reference};
 use thaw_schema::cache_api::BytesBySource;
@@ -16,6 +17,7 @@ use super::{now_ms, Cache};
 use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
 use crate::index::{ChunkLocation, FileRecord, SnapshotRecord};
+use crate::peer::fetch::{candidates, PeerSource, DIRECTORY_TIMEOUT};
 
 /// What one file of a snapshot being materialized needs.
 struct Planned {
@@ -150,9 +152,10 @@ impl Cache {
             sources
         };
 
+        let peers = self.peer_source(reference, digest).await;
         let work = self.dirs.work.join(format!("{}.{}", digest.hex(), fsutil::nonce()));
         std::fs::create_dir_all(&work).map_err(|e| CacheError::io("creating", &work, e))?;
-        let result = self.write_files(reference, digest, planned, &sources, &work).await;
+        let result = self.write_files(reference, digest, planned, &sources, peers.as_ref(), &work).await;
         let (files, chunks, bytes) = match result {
             Ok(v) => v,
             Err(e) => {
@@ -187,7 +190,14 @@ impl Cache {
             st.snapshots.insert(digest, record);
         }
         drop(hold);
-        tracing::info!(reference = %what, %digest, local = bytes.local, registry = bytes.registry, "materialized");
+        tracing::info!(
+            reference = %what,
+            %digest,
+            local = bytes.local,
+            peers = bytes.peers,
+            registry = bytes.registry,
+            "materialized"
+        );
         self.update_gauges();
         self.holdings_changed.notify_one();
         Ok(bytes)
@@ -200,6 +210,7 @@ impl Cache {
         digest: Sha256Digest,
         planned: &[Planned],
         sources: &HashMap<ChunkId, (ChunkLocation, PathBuf)>,
+        peers: Option<&Arc<PeerSource>>,
         work: &Path,
     ) -> Result<(Vec<FileRecord>, Vec<(ChunkId, ChunkLocation)>, BytesBySource)> {
         let mut files = Vec::new();
@@ -245,7 +256,23 @@ impl Cache {
                         }
                         offset += u64::from(entry.byte_len());
                     }
-                    blob::write_from_recipe(&self.registry, target, recipe.clone(), local, &what).await?;
+                    let source = peers.map(|p| {
+                        p.take_delivered();
+                        p.clone() as Arc<dyn ChunkSource>
+                    });
+                    blob::write_from_recipe_with(
+                        &self.registry,
+                        target,
+                        recipe.clone(),
+                        local,
+                        source,
+                        &what,
+                    )
+                    .await?;
+                    // What the peers delivered did not come from the registry.
+                    let from_peers = peers.map_or(0, |p| p.take_delivered());
+                    bytes.peers += from_peers;
+                    bytes.registry = bytes.registry.saturating_sub(from_peers);
                 }
                 None => {
                     blob::download(&self.registry, target, &what).await?;
@@ -262,5 +289,40 @@ impl Cache {
             });
         }
         Ok((files, chunks, bytes))
+    }
+
+    /// The peers to ask for this snapshot's chunks, when P2P is on and the registry's node
+    /// directory names any: nodes holding this snapshot, then nodes holding another snapshot
+    /// of its repository (they share most chunks across revisions). Without a directory
+    /// answer in time, the snapshot comes from the registry alone.
+    async fn peer_source(&self, reference: &Reference, digest: Sha256Digest) -> Option<Arc<PeerSource>> {
+        let options = &self.config.peer;
+        if !options.enabled() {
+            return None;
+        }
+        let directory = match tokio::time::timeout(DIRECTORY_TIMEOUT, self.registry.node_directory()).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "no node directory; fetching from the registry alone");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!("the node directory did not answer in time; fetching from the registry alone");
+                return None;
+            }
+        };
+        let peers = candidates(
+            &directory,
+            &self.config.node_name,
+            self.config.peer_endpoint.as_deref(),
+            reference.registry(),
+            reference.repository(),
+            &digest,
+        );
+        if peers.is_empty() {
+            return None;
+        }
+        tracing::debug!(peers = ?peers.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), "peers to ask");
+        Some(Arc::new(PeerSource::new(peers, self.peer_http.clone(), options.clone(), self.peers.clone())))
     }
 }

@@ -19,6 +19,7 @@
 //! record (removed at start), never a record without its files.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,9 +36,11 @@ use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
 use crate::index::{Index, LeaseRecord, RefRecord, SnapshotRecord, VolatileBatch};
 use crate::metrics::Metrics;
+use crate::peer::{PeerBook, PeerOptions};
 
 mod evict;
 mod materialize;
+mod peer_io;
 
 pub use evict::{DiskReport, ScrubReport};
 
@@ -58,6 +61,8 @@ pub struct CacheConfig {
     pub tag_ttl: Duration,
     /// Where peers reach this node, published in its holdings.
     pub peer_endpoint: Option<String>,
+    /// P2P: the cluster token, timeouts and upload limits.
+    pub peer: PeerOptions,
 }
 
 /// One lease: a snapshot in use, and its private disk copy.
@@ -136,6 +141,14 @@ pub struct Cache {
     /// Woken when a spare disk copy was used up or a snapshot arrived.
     spares_wanted: Notify,
     pub(crate) metrics: Metrics,
+    /// Peers to avoid, and the P2P counters.
+    pub(crate) peers: Arc<PeerBook>,
+    /// Peer uploads in progress, in total.
+    pub(crate) uploads: Arc<tokio::sync::Semaphore>,
+    /// Peer uploads in progress, per peer address.
+    pub(crate) uploads_per_peer: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
+    /// The HTTP client for peers.
+    pub(crate) peer_http: reqwest::Client,
 }
 
 fn now_ms() -> u64 {
@@ -228,6 +241,13 @@ impl Cache {
             dirty: Notify::new(),
             spares_wanted: Notify::new(),
             metrics: Metrics::default(),
+            peers: Arc::default(),
+            uploads: Arc::new(tokio::sync::Semaphore::new(config.peer.max_uploads.max(1))),
+            uploads_per_peer: Mutex::default(),
+            peer_http: reqwest::Client::builder()
+                .pool_max_idle_per_host(4)
+                .build()
+                .map_err(|e| CacheError::BadRequest(format!("peer HTTP client: {e}")))?,
             config,
         });
         cache.update_gauges();

@@ -56,13 +56,24 @@ pub struct NodeCache {
     registry: String,
     capacity: u64,
     node: String,
+    /// More command-line arguments (P2P flags).
+    extra: Vec<String>,
+    /// Where the peer service listens, when `extra` asks for one (`--peer-listen auto`).
+    pub peer_addr: Option<String>,
     http: reqwest::Client,
 }
 
 impl NodeCache {
     /// Starts a node cache on a free port with its cache in `dir`.
     pub async fn start(registry: &str, dir: &Path, capacity: u64, node: &str) -> Self {
+        Self::start_with(registry, dir, capacity, node, &[]).await
+    }
+
+    /// Starts a node cache with more arguments; `--peer-listen auto` picks a free port.
+    pub async fn start_with(registry: &str, dir: &Path, capacity: u64, node: &str, extra: &[&str]) -> Self {
         let mut n = Self {
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            peer_addr: None,
             child: None,
             addr: String::new(),
             dir: dir.to_owned(),
@@ -77,6 +88,14 @@ impl NodeCache {
 
     async fn spawn(&mut self) {
         self.addr = format!("127.0.0.1:{}", free_port());
+        let mut extra = self.extra.clone();
+        if let Some(i) = extra.iter().position(|a| a == "--peer-listen") {
+            if extra.get(i + 1).map(String::as_str) == Some("auto") {
+                let addr = format!("127.0.0.1:{}", free_port());
+                extra[i + 1] = addr.clone();
+                self.peer_addr = Some(addr);
+            }
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_thaw-node-cache"))
             .args(["--registry", &format!("http://{}", self.registry)])
             .arg("--cache-dir")
@@ -89,6 +108,7 @@ impl NodeCache {
                 "--node-name",
                 &self.node,
             ])
+            .args(&extra)
             .env("THAW_LOG", std::env::var("THAW_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()

@@ -1,0 +1,252 @@
+//! Peer-to-peer chunk exchange between node caches (docs/API.md, "Peer API").
+//!
+//! Every node cache can serve the chunks of its complete snapshots to the other nodes of the
+//! cluster ([`serve`], on its own listener, `--peer-listen`), and fetch the chunks it lacks
+//! from them before the registry ([`fetch`]). Peers authenticate with a cluster token; a
+//! node without it gets nothing. Bytes from a peer are never trusted: every chunk is checked
+//! against its id, and a peer that errs, stalls or lies is avoided for a while
+//! ([`PeerBook`]), its chunks fetched from the registry instead.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use thaw_schema::ChunkId;
+
+pub(crate) mod fetch;
+pub mod serve;
+
+/// The path of the peer chunk service.
+pub const CHUNKS_PATH: &str = "/v1/peer/chunks";
+
+/// Most chunk ids one peer request may name.
+pub const MAX_IDS_PER_REQUEST: usize = 4096;
+
+/// Largest peer request body: the binary id list of [`MAX_IDS_PER_REQUEST`] ids.
+pub const MAX_REQUEST_BODY: usize = 8 + 32 * MAX_IDS_PER_REQUEST;
+
+/// A peer answer stops adding chunks once their uncompressed bytes reach this; the chunks
+/// left out are fetched elsewhere (the client asks for at most 16 MiB at once).
+pub const MAX_ANSWER_RAW_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The cluster token. Its `Debug` does not show it.
+#[derive(Clone)]
+pub struct PeerToken(String);
+
+impl std::fmt::Debug for PeerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerToken(..)")
+    }
+}
+
+impl PeerToken {
+    /// A token; surrounding whitespace (a trailing newline in a file) is not part of it.
+    pub fn new(token: &str) -> Result<Self, String> {
+        let t = token.trim();
+        if t.len() < 16 {
+            return Err("the peer token must be at least 16 characters".into());
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the peer token must be printable ASCII without spaces".into());
+        }
+        Ok(Self(t.to_owned()))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is this token, in time independent of where they differ (both
+    /// are hashed first, so the length is not revealed either).
+    pub(crate) fn matches(&self, presented: &[u8]) -> bool {
+        let (a, b) = (ChunkId::of(self.0.as_bytes()), ChunkId::of(presented));
+        a.as_bytes().iter().zip(b.as_bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+/// How this node takes part in P2P.
+#[derive(Debug, Clone)]
+pub struct PeerOptions {
+    /// The cluster token: presented to peers, and required from them.
+    pub token: Option<PeerToken>,
+    /// Serve and fetch without a token (`--peer-insecure`): only for trusted test networks.
+    pub insecure: bool,
+    /// Longest a peer may take to answer one batch before it counts as failed.
+    pub timeout: Duration,
+    /// How long a failed peer is avoided.
+    pub penalty: Duration,
+    /// Peer requests served at once, in total.
+    pub max_uploads: usize,
+    /// Peer requests served at once to one peer (by IP address).
+    pub max_uploads_per_peer: usize,
+}
+
+impl Default for PeerOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            insecure: false,
+            timeout: Duration::from_secs(5),
+            penalty: Duration::from_secs(60),
+            max_uploads: 4,
+            max_uploads_per_peer: 2,
+        }
+    }
+}
+
+impl PeerOptions {
+    /// Whether this node fetches from peers: it has a token, or runs insecure.
+    pub fn enabled(&self) -> bool {
+        self.token.is_some() || self.insecure
+    }
+}
+
+/// Why a peer counted as failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// A connection or HTTP error, or an unexpected status.
+    Error,
+    /// No full answer within the timeout.
+    Timeout,
+    /// A malformed answer, or a chunk that is not what was asked for.
+    Corrupt,
+}
+
+impl Failure {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+            Self::Corrupt => "corrupt",
+        }
+    }
+}
+
+/// What this node knows about its peers (which ones to avoid, until when) and the P2P
+/// counters, both directions.
+#[derive(Debug, Default)]
+pub(crate) struct PeerBook {
+    bad_until: Mutex<HashMap<String, Instant>>,
+    failures: [AtomicU64; 3],
+    pub(crate) fetched_bytes: AtomicU64,
+    pub(crate) fetched_chunks: AtomicU64,
+    pub(crate) served_chunks: AtomicU64,
+    pub(crate) served_bytes: AtomicU64,
+    pub(crate) served_corrupt: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) busy: AtomicU64,
+}
+
+impl PeerBook {
+    /// Whether `endpoint` failed recently.
+    pub(crate) fn is_bad(&self, endpoint: &str) -> bool {
+        let mut bad = self.bad_until.lock().expect("peer book lock");
+        match bad.get(endpoint) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                bad.remove(endpoint);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records a failure of `endpoint` and avoids it for `penalty`.
+    pub(crate) fn failed(&self, endpoint: &str, why: Failure, detail: &str, penalty: Duration) {
+        self.failures[why as usize].fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            peer = endpoint,
+            reason = why.label(),
+            detail,
+            avoid_for = ?penalty,
+            "peer failed; fetching its chunks from the registry"
+        );
+        self.bad_until.lock().expect("peer book lock").insert(endpoint.to_owned(), Instant::now() + penalty);
+    }
+
+    /// The P2P metrics, in the text exposition format.
+    pub(crate) fn render(&self) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP thaw_cache_peer_failures_total peer fetches that failed, by reason\n\
+             # TYPE thaw_cache_peer_failures_total counter"
+        );
+        for f in [Failure::Error, Failure::Timeout, Failure::Corrupt] {
+            let _ = writeln!(
+                out,
+                "thaw_cache_peer_failures_total{{reason=\"{}\"}} {}",
+                f.label(),
+                get(&self.failures[f as usize])
+            );
+        }
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter(
+            "thaw_cache_peer_fetched_chunks_total",
+            "chunks fetched from peers and verified",
+            get(&self.fetched_chunks),
+        );
+        counter(
+            "thaw_cache_peer_fetched_bytes_total",
+            "uncompressed bytes of chunks fetched from peers",
+            get(&self.fetched_bytes),
+        );
+        counter("thaw_cache_peer_served_chunks_total", "chunks served to peers", get(&self.served_chunks));
+        counter(
+            "thaw_cache_peer_served_bytes_total",
+            "encoded bytes of chunks served to peers",
+            get(&self.served_bytes),
+        );
+        counter(
+            "thaw_cache_peer_served_corrupt_total",
+            "cached chunks that failed their check when a peer asked for them (not sent)",
+            get(&self.served_corrupt),
+        );
+        counter(
+            "thaw_cache_peer_refused_total",
+            "peer requests refused for a missing or wrong token",
+            get(&self.refused),
+        );
+        counter(
+            "thaw_cache_peer_busy_total",
+            "peer requests turned away at the upload limits",
+            get(&self.busy),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_themselves() {
+        let t = PeerToken::new("  s3cret-cluster-token\n").unwrap();
+        assert!(t.matches(b"s3cret-cluster-token"));
+        assert!(!t.matches(b"s3cret-cluster-tokeN"));
+        assert!(!t.matches(b"s3cret-cluster-token "));
+        assert!(!t.matches(b""));
+        assert!(PeerToken::new("short").is_err());
+        assert!(PeerToken::new("has a space in the middle").is_err());
+        assert_eq!(format!("{t:?}"), "PeerToken(..)");
+    }
+
+    #[test]
+    fn failed_peers_are_avoided_for_the_penalty() {
+        let book = PeerBook::default();
+        assert!(!book.is_bad("a:1"));
+        book.failed("a:1", Failure::Corrupt, "test", Duration::from_secs(60));
+        book.failed("b:1", Failure::Timeout, "test", Duration::ZERO);
+        assert!(book.is_bad("a:1"));
+        assert!(!book.is_bad("b:1"), "an expired penalty is forgotten");
+        let text = book.render();
+        assert!(text.contains("thaw_cache_peer_failures_total{reason=\"corrupt\"} 1\n"), "{text}");
+        assert!(text.contains("thaw_cache_peer_failures_total{reason=\"timeout\"} 1\n"), "{text}");
+    }
+}

@@ -1,0 +1,135 @@
+//! The peer chunk service: `POST /v1/peer/chunks` on the peer listener (docs/API.md,
+//! "Peer API"). The body is the binary chunk id list (`application/vnd.thaw.chunk-ids.v1`,
+//! docs/FORMAT.md); the answer is a chunk batch (`application/vnd.thaw.chunks.v1`, the
+//! framing of the registry's `_thaw/chunks/fetch`) holding, in request order, the asked
+//! chunks this node has in complete snapshots. Chunks it lacks are left out: the caller
+//! fetches them elsewhere. Every chunk is read from its cached file, checked against its id
+//! (a damaged file is never served) and compressed.
+//!
+//! Every request must carry `Authorization: Bearer <cluster token>`; without it the answer
+//! is 401 and nothing is read. Uploads are bounded in total and per peer address, so serving
+//! peers never starves this node's own restores: a request beyond the limits is answered
+//! 503 at once and the peer goes elsewhere.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt as _;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use thaw_schema::batch::{encode_entry, BATCH_MAGIC};
+use thaw_schema::dto::decode_chunk_id_query;
+use thaw_schema::frame::EncodedChunk;
+use thaw_schema::{media, ChunkId};
+
+use super::{CHUNKS_PATH, MAX_ANSWER_RAW_BYTES, MAX_IDS_PER_REQUEST, MAX_REQUEST_BODY};
+use crate::cache::Cache;
+use crate::error::{CacheError, Result};
+
+/// zstd level for chunks sent to peers (the client's default).
+const ZSTD_LEVEL: i32 = thaw_client::tuning::ZSTD_LEVEL;
+
+/// The peer router over a cache. Serve it with connect info
+/// (`into_make_service_with_connect_info::<SocketAddr>()`): per-peer limits go by address.
+pub fn app(cache: Arc<Cache>) -> Router {
+    Router::new().route(CHUNKS_PATH, post(chunks)).fallback(fallback).with_state(cache)
+}
+
+/// Checks the bearer token; anything else is refused before the request is looked at.
+fn authorize(cache: &Cache, headers: &HeaderMap) -> Result<()> {
+    let options = &cache.config().peer;
+    let Some(token) = &options.token else {
+        if options.insecure {
+            return Ok(());
+        }
+        return Err(CacheError::Unauthorized("this node serves no peers without a cluster token".into()));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if token.matches(presented) {
+        Ok(())
+    } else {
+        cache.peers.refused.fetch_add(1, Ordering::Relaxed);
+        Err(CacheError::Unauthorized("missing or wrong cluster token (Authorization: Bearer <token>)".into()))
+    }
+}
+
+async fn fallback(State(cache): State<Arc<Cache>>, headers: HeaderMap) -> Result<Response> {
+    authorize(&cache, &headers)?;
+    Err(CacheError::NotFound(format!("the peer service has only POST {CHUNKS_PATH}; see docs/API.md")))
+}
+
+async fn chunks(
+    State(cache): State<Arc<Cache>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Result<Response> {
+    authorize(&cache, request.headers())?;
+    let body = axum::body::to_bytes(request.into_body(), MAX_REQUEST_BODY).await.map_err(|_| {
+        CacheError::BadRequest(format!(
+            "the request body is unreadable or longer than {MAX_REQUEST_BODY} bytes \
+             (at most {MAX_IDS_PER_REQUEST} chunk ids)"
+        ))
+    })?;
+    let ids = decode_chunk_id_query(&body).map_err(|e| CacheError::BadRequest(e.to_string()))?;
+    if ids.len() > MAX_IDS_PER_REQUEST {
+        return Err(CacheError::BadRequest(format!(
+            "{} chunk ids in one request; at most {MAX_IDS_PER_REQUEST} are allowed",
+            ids.len()
+        )));
+    }
+    let busy = |what: &str| {
+        cache.peers.busy.fetch_add(1, Ordering::Relaxed);
+        CacheError::Busy(format!("{what}; fetch these chunks elsewhere"))
+    };
+    let _mine = cache.peer_upload_slot(peer.ip()).ok_or_else(|| busy("too many uploads to this peer"))?;
+    let _total =
+        cache.uploads.clone().try_acquire_owned().map_err(|_| busy("too many uploads to peers at once"))?;
+    let files = cache.chunk_files(&ids)?;
+    let served = cache.clone();
+    let (body, count) = tokio::task::spawn_blocking(move || build_answer(&served, &ids, &files))
+        .await
+        .map_err(|e| CacheError::Index(format!("peer answer task: {e}")))?;
+    cache.peers.served_chunks.fetch_add(count, Ordering::Relaxed);
+    cache.peers.served_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    tracing::debug!(%peer, asked = body.len(), sent = count, "served chunks to a peer");
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, media::CHUNK_BATCH)], Body::from(body)).into_response())
+}
+
+/// Reads, checks and encodes the chunks this node holds, in request order.
+fn build_answer(cache: &Cache, ids: &[ChunkId], files: &[Option<(PathBuf, u64, u32)>]) -> (Vec<u8>, u64) {
+    let mut out = BATCH_MAGIC.to_vec();
+    let mut open: HashMap<PathBuf, Option<File>> = HashMap::new();
+    let (mut raw, mut count) = (0u64, 0u64);
+    for (id, place) in ids.iter().zip(files) {
+        let Some((path, offset, len)) = place else { continue };
+        if raw + u64::from(*len) > MAX_ANSWER_RAW_BYTES {
+            break;
+        }
+        let file = open.entry(path.clone()).or_insert_with(|| File::open(path).ok());
+        let Some(file) = file else { continue };
+        let mut data = vec![0u8; *len as usize];
+        if file.read_exact_at(&mut data, *offset).is_err() {
+            continue;
+        }
+        if ChunkId::of(&data) != *id {
+            cache.peers.served_corrupt.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(chunk = %id, path = %path.display(), offset, "a cached chunk failed its check; not serving it");
+            continue;
+        }
+        encode_entry(&mut out, id, &EncodedChunk::compress(&data, ZSTD_LEVEL));
+        raw += u64::from(*len);
+        count += 1;
+    }
+    (out, count)
+}
