@@ -104,8 +104,12 @@ pub struct AppState {
 impl AppState {
     /// State for `config`; nothing is fetched until [`AppState::spawn_background`].
     pub fn new(config: &Config) -> anyhow::Result<Arc<Self>> {
+        Self::with_scorer(config, Arc::new(Scorer::new(config.herd)))
+    }
+
+    /// State around an existing scorer (benchmarks inject synthetic profiles and holdings).
+    pub fn with_scorer(config: &Config, scorer: Arc<Scorer>) -> anyhow::Result<Arc<Self>> {
         let options = config.client_options();
-        let scorer = Arc::new(Scorer::new(config.herd));
         let metrics = Arc::new(Metrics::default());
         let resolver = Arc::new(Resolver::new(
             &config.registry,
