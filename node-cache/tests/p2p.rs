@@ -191,6 +191,45 @@ async fn the_peer_service_refuses_requests_without_the_token() {
     let r = http.post(&url).bearer_auth(TOKEN).body("garbage").send().await.unwrap();
     assert_eq!(r.status(), 400);
 
+    // Wrong method on the chunk path: refused like the rest without the token.
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A damaged cached chunk is not served, and the snapshot holding it is dropped.
+    let memory_digest = thaw_schema::Sha256Digest::of(&v1.data.memory);
+    let memory_recipe = recipes(&v1.reference).await.into_iter().find(|r| r.digest == memory_digest).unwrap();
+    let (mut offset, mut damaged) = (0u64, None);
+    for e in &memory_recipe.entries {
+        if let Some(id) = e.chunk_id() {
+            damaged = Some(*id);
+            break;
+        }
+        offset += u64::from(e.byte_len());
+    }
+    let damaged = damaged.unwrap();
+    let cached = a.get("/v1/snapshots").await;
+    let digest = cached["snapshots"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_owned();
+    let memory_path = dir.path().join("snapshots").join(digest).join("memory");
+    {
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&memory_path).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, offset + 7).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], offset + 7).unwrap();
+    }
+    let r = http.post(&url).bearer_auth(TOKEN).body(encode_chunk_id_query(&[damaged])).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        thaw_schema::batch::parse_batch(&r.bytes().await.unwrap()).unwrap().is_empty(),
+        "served a damaged chunk"
+    );
+    assert_eq!(metric(&a, "thaw_cache_peer_served_corrupt_total").await, 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !a.cached().await.is_empty() {
+        assert!(Instant::now() < deadline, "the damaged snapshot is still listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // A peer service without a token does not start unless told to run insecure.
     let other = tempfile::tempdir().unwrap();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_thaw-node-cache"))

@@ -137,6 +137,8 @@ pub(crate) struct PeerBook {
     pub(crate) served_corrupt: AtomicU64,
     pub(crate) refused: AtomicU64,
     pub(crate) busy: AtomicU64,
+    /// A scrub started by the peer service is running.
+    pub(crate) scrubbing: std::sync::atomic::AtomicBool,
 }
 
 impl PeerBook {

@@ -7,9 +7,10 @@
 //! (a damaged file is never served) and compressed.
 //!
 //! Every request must carry `Authorization: Bearer <cluster token>`; without it the answer
-//! is 401 and nothing is read. Uploads are bounded in total and per peer address, so serving
-//! peers never starves this node's own restores: a request beyond the limits is answered
-//! 503 at once and the peer goes elsewhere.
+//! is 401 and nothing is read. Uploads are bounded in total and per peer address, and to one
+//! at a time while this node runs an `ensure` of its own, so serving peers never starves its
+//! own restores: a request beyond the limits is answered 503 at once and the peer goes
+//! elsewhere.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -40,7 +41,11 @@ const ZSTD_LEVEL: i32 = thaw_client::tuning::ZSTD_LEVEL;
 /// The peer router over a cache. Serve it with connect info
 /// (`into_make_service_with_connect_info::<SocketAddr>()`): per-peer limits go by address.
 pub fn app(cache: Arc<Cache>) -> Router {
-    Router::new().route(CHUNKS_PATH, post(chunks)).fallback(fallback).with_state(cache)
+    Router::new()
+        .route(CHUNKS_PATH, post(chunks))
+        .fallback(fallback)
+        .method_not_allowed_fallback(fallback)
+        .with_state(cache)
 }
 
 /// Checks the bearer token; anything else is refused before the request is looked at.
@@ -95,22 +100,43 @@ async fn chunks(
     let _mine = cache.peer_upload_slot(peer.ip()).ok_or_else(|| busy("too many uploads to this peer"))?;
     let _total =
         cache.uploads.clone().try_acquire_owned().map_err(|_| busy("too many uploads to peers at once"))?;
+    // While this node restores a snapshot itself, it serves one peer request at a time.
+    let in_progress = cache.config().peer.max_uploads.max(1) - cache.uploads.available_permits();
+    if cache.restoring() && in_progress > 1 {
+        return Err(busy("this node is restoring a snapshot"));
+    }
     let files = cache.chunk_files(&ids)?;
     let served = cache.clone();
-    let (body, count) = tokio::task::spawn_blocking(move || build_answer(&served, &ids, &files))
+    let (body, count, corrupt) = tokio::task::spawn_blocking(move || build_answer(&served, &ids, &files))
         .await
         .map_err(|e| CacheError::Index(format!("peer answer task: {e}")))?;
+    if corrupt > 0 && !cache.peers.scrubbing.swap(true, Ordering::SeqCst) {
+        // A damaged cached file: find and drop the snapshots it belongs to.
+        let c = cache.clone();
+        tokio::spawn(async move {
+            match c.scrub().await {
+                Ok(r) => tracing::warn!(corrupt = r.corrupt.len(), "scrubbed after a damaged chunk"),
+                Err(e) => tracing::warn!(error = %e, "scrub after a damaged chunk failed"),
+            }
+            c.peers.scrubbing.store(false, Ordering::SeqCst);
+        });
+    }
     cache.peers.served_chunks.fetch_add(count, Ordering::Relaxed);
     cache.peers.served_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
     tracing::debug!(%peer, asked = body.len(), sent = count, "served chunks to a peer");
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, media::CHUNK_BATCH)], Body::from(body)).into_response())
 }
 
-/// Reads, checks and encodes the chunks this node holds, in request order.
-fn build_answer(cache: &Cache, ids: &[ChunkId], files: &[Option<(PathBuf, u64, u32)>]) -> (Vec<u8>, u64) {
+/// Reads, checks and encodes the chunks this node holds, in request order. Answers the
+/// body, the chunks in it, and how many failed their check.
+fn build_answer(
+    cache: &Cache,
+    ids: &[ChunkId],
+    files: &[Option<(PathBuf, u64, u32)>],
+) -> (Vec<u8>, u64, u64) {
     let mut out = BATCH_MAGIC.to_vec();
     let mut open: HashMap<PathBuf, Option<File>> = HashMap::new();
-    let (mut raw, mut count) = (0u64, 0u64);
+    let (mut raw, mut count, mut corrupt) = (0u64, 0u64, 0u64);
     for (id, place) in ids.iter().zip(files) {
         let Some((path, offset, len)) = place else { continue };
         if raw + u64::from(*len) > MAX_ANSWER_RAW_BYTES {
@@ -124,6 +150,7 @@ fn build_answer(cache: &Cache, ids: &[ChunkId], files: &[Option<(PathBuf, u64, u
         }
         if ChunkId::of(&data) != *id {
             cache.peers.served_corrupt.fetch_add(1, Ordering::Relaxed);
+            corrupt += 1;
             tracing::warn!(chunk = %id, path = %path.display(), offset, "a cached chunk failed its check; not serving it");
             continue;
         }
@@ -131,5 +158,5 @@ fn build_answer(cache: &Cache, ids: &[ChunkId], files: &[Option<(PathBuf, u64, u
         raw += u64::from(*len);
         count += 1;
     }
-    (out, count)
+    (out, count, corrupt)
 }
