@@ -6,6 +6,13 @@
 //! holds; its score is `round(10 × covered / total)`, and 10 when it holds S itself.
 //! Coverage is cached per (S, node) and recomputed only when that node's holdings change or
 //! a profile it lacked arrives, so a warm `/prioritize` is one hash lookup per node.
+//!
+//! Computing it (cold) uses an inverted index: chunk → the snapshots containing it, and
+//! snapshot → the nodes holding it. One pass over S's chunks credits each node once per
+//! chunk it holds, for every node at once: the cost is the number of (chunk of S, held
+//! snapshot containing it, node holding that) triples, not nodes × held × chunks as merging
+//! sorted chunk lists node by node would be. A few stale nodes (one node's holdings changed)
+//! are recomputed by merging instead.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -93,8 +100,13 @@ impl SnapshotChunks {
     }
 }
 
+/// Below this many stale nodes, coverage is recomputed node by node (merging sorted lists).
+const MERGE_BELOW: usize = 16;
+
 #[derive(Debug)]
 struct NodeEntry {
+    /// Dense index for this holdings read.
+    idx: u32,
     held: Vec<Sha256Digest>,
     generation: u64,
 }
@@ -105,7 +117,15 @@ struct Index {
     profiles: IdMap<Sha256Digest, Arc<Profile>>,
     /// Bumped whenever a profile is added.
     profiles_generation: u64,
+    /// Chunk index → snapshot indexes (of `profiles`' `snapshot` field) containing it.
+    containing: Vec<Vec<u32>>,
+    /// Snapshot index → dense indexes of the nodes holding it.
+    holders: Vec<Vec<u32>>,
+    /// Snapshot index → digest.
+    snapshots: Vec<Sha256Digest>,
     nodes: HashMap<String, NodeEntry>,
+    /// Snapshot digest → dense indexes of the nodes holding it (also those without profile).
+    held_by: IdMap<Sha256Digest, Vec<u32>>,
     next_generation: u64,
 }
 
@@ -182,6 +202,15 @@ impl Scorer {
         pairs.sort_unstable();
         pairs.dedup_by_key(|p| p.0);
         let total = pairs.iter().map(|p| u64::from(p.1)).sum();
+        let snapshot = index.snapshots.len() as u32;
+        index.snapshots.push(digest);
+        let holders = index.held_by.get(&digest).cloned().unwrap_or_default();
+        index.holders.push(holders);
+        let chunks_known = index.interner.len();
+        index.containing.resize_with(chunks_known, Vec::new);
+        for &(c, _) in &pairs {
+            index.containing[c as usize].push(snapshot);
+        }
         let profile = Profile {
             ids: pairs.iter().map(|p| p.0).collect(),
             lens: pairs.iter().map(|p| p.1).collect(),
@@ -196,10 +225,19 @@ impl Scorer {
     pub fn set_holdings(&self, nodes: &[NodeHoldings]) {
         let mut index = self.index.write().expect("index lock");
         let mut fresh = HashMap::with_capacity(nodes.len());
+        let mut held_by: IdMap<Sha256Digest, Vec<u32>> = IdMap::default();
         for n in nodes {
+            if fresh.contains_key(&n.node) {
+                continue;
+            }
+            let idx = fresh.len() as u32;
             let mut held: Vec<Sha256Digest> = n.snapshots.iter().map(|s| s.digest).collect();
             held.sort_unstable();
             held.dedup();
+            for d in &held {
+                held_by.entry(*d).or_default().push(idx);
+            }
+            // Dense indexes change between reads; cached coverage is per name and generation.
             let generation = match index.nodes.remove(&n.node) {
                 Some(old) if old.held == held => old.generation,
                 _ => {
@@ -207,9 +245,13 @@ impl Scorer {
                     index.next_generation
                 }
             };
-            fresh.insert(n.node.clone(), NodeEntry { held, generation });
+            fresh.insert(n.node.clone(), NodeEntry { idx, held, generation });
         }
+        let holders: Vec<Vec<u32>> =
+            index.snapshots.iter().map(|d| held_by.get(d).cloned().unwrap_or_default()).collect();
         index.nodes = fresh;
+        index.held_by = held_by;
+        index.holders = holders;
     }
 
     /// Every snapshot some node holds, with the reference it was ensured by.
@@ -251,26 +293,34 @@ impl Scorer {
         }
         let (used, per_node) = cache.by_snapshot.entry(*digest).or_default();
         *used = clock;
-        let mut marks = Vec::new();
+        let fresh = |name: &String, node: &NodeEntry| {
+            per_node.get(name).copied().filter(|c| {
+                c.node_generation == node.generation
+                    && c.incomplete_at.is_none_or(|g| g == index.profiles_generation)
+            })
+        };
+        let stale: Vec<(&String, &NodeEntry)> = nodes
+            .iter()
+            .filter_map(|name| index.nodes.get_key_value(name))
+            .filter(|(name, node)| fresh(name, node).is_none())
+            .collect();
+        if stale.len() >= MERGE_BELOW {
+            let covered = covered_everywhere(&index, &profile);
+            for (name, node) in stale {
+                let c = coverage_of(&index, node, digest, &profile, Some(covered[node.idx as usize]));
+                per_node.insert(name.clone(), c);
+            }
+        } else {
+            for (name, node) in stale {
+                let c = coverage_of(&index, node, digest, &profile, None);
+                per_node.insert(name.clone(), c);
+            }
+        }
         nodes
             .iter()
-            .map(|name| {
-                let Some(node) = index.nodes.get(name) else {
-                    return 0;
-                };
-                let fresh = per_node.get(name).copied().filter(|c| {
-                    c.node_generation == node.generation
-                        && c.incomplete_at.is_none_or(|g| g == index.profiles_generation)
-                });
-                let c = match fresh {
-                    Some(c) => c,
-                    None => {
-                        let c = compute(&index, node, digest, &profile, &mut marks);
-                        per_node.insert(name.clone(), c);
-                        c
-                    }
-                };
-                score(c, profile.total)
+            .map(|name| match (index.nodes.get(name), per_node.get(name)) {
+                (Some(_), Some(c)) => score(*c, profile.total),
+                _ => 0,
             })
             .collect()
     }
@@ -312,29 +362,46 @@ fn score(c: Coverage, total: u64) -> i64 {
     ((u128::from(c.covered) * max * 2 + u128::from(total)) / (u128::from(total) * 2)) as i64
 }
 
-/// The bytes of `target` found in the snapshots `node` holds.
-fn compute(
+/// Bytes of `target` held by each node (by dense index), all nodes in one pass.
+fn covered_everywhere(index: &Index, target: &Profile) -> Vec<u64> {
+    let n = index.nodes.len();
+    let mut covered = vec![0u64; n];
+    let mut last = vec![u32::MAX; n];
+    for (p, (&c, &len)) in target.ids.iter().zip(target.lens.iter()).enumerate() {
+        for &h in &index.containing[c as usize] {
+            for &node in &index.holders[h as usize] {
+                let node = node as usize;
+                if last[node] != p as u32 {
+                    last[node] = p as u32;
+                    covered[node] += u64::from(len);
+                }
+            }
+        }
+    }
+    covered
+}
+
+/// The coverage of `target` by `node`: `covered` from [`covered_everywhere`], or merged here.
+fn coverage_of(
     index: &Index,
     node: &NodeEntry,
     digest: &Sha256Digest,
     target: &Profile,
-    marks: &mut Vec<bool>,
+    covered: Option<u64>,
 ) -> Coverage {
     let exact = node.held.binary_search(digest).is_ok();
-    let mut incomplete = false;
-    marks.clear();
-    marks.resize(target.ids.len(), false);
-    if !exact {
-        for h in &node.held {
-            match index.profiles.get(h) {
-                Some(p) => mark_shared(&target.ids, &p.ids, marks),
-                None => incomplete = true,
-            }
-        }
-    }
+    let incomplete = !exact && node.held.iter().any(|h| !index.profiles.contains_key(h));
     let covered = if exact {
         target.total
+    } else if let Some(c) = covered {
+        c
     } else {
+        let mut marks = vec![false; target.ids.len()];
+        for h in &node.held {
+            if let Some(p) = index.profiles.get(h) {
+                mark_shared(&target.ids, &p.ids, &mut marks);
+            }
+        }
         marks.iter().zip(target.lens.iter()).filter(|(m, _)| **m).map(|(_, l)| u64::from(*l)).sum()
     };
     Coverage {
@@ -446,6 +513,52 @@ mod tests {
         assert_eq!(s.coverage_scores(&a, &names), vec![0]);
         s.insert_profile(b, &chunks(0..5, 100));
         assert_eq!(s.coverage_scores(&a, &names), vec![5]);
+    }
+
+    #[test]
+    fn one_pass_and_node_by_node_coverage_agree() {
+        let s = Scorer::new(HerdConfig::OFF);
+        let mut rng = 0x1234_5678_u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let digests: Vec<Sha256Digest> = (0..30u32).map(|i| Sha256Digest::of(&i.to_le_bytes())).collect();
+        for d in &digests[..25] {
+            let len = 1 + next(4000) as u32;
+            s.insert_profile(*d, &chunks((0..200).map(|_| next(1000) as u32), len));
+        }
+        let holdings: Vec<NodeHoldings> = (0..40)
+            .map(|i| {
+                let held: Vec<Sha256Digest> = (0..next(5)).map(|_| digests[next(30) as usize]).collect();
+                node(&format!("n{i}"), &held)
+            })
+            .collect();
+        s.set_holdings(&holdings);
+        let names: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+        let index = s.index.read().unwrap();
+        for d in &digests[..25] {
+            let target = index.profiles.get(d).unwrap().clone();
+            let all = covered_everywhere(&index, &target);
+            for name in &names {
+                let n = &index.nodes[name];
+                let one = coverage_of(&index, n, d, &target, None);
+                let batch = coverage_of(&index, n, d, &target, Some(all[n.idx as usize]));
+                assert_eq!(one.covered, batch.covered, "{name} for {d}");
+                assert_eq!(one.exact, batch.exact);
+            }
+        }
+        drop(index);
+        // And through the cache: many stale nodes take the one-pass path.
+        let a = s.coverage_scores(&digests[0], &names);
+        let index = s.index.read().unwrap();
+        let target = index.profiles.get(&digests[0]).unwrap().clone();
+        for (name, got) in names.iter().zip(a) {
+            let c = coverage_of(&index, &index.nodes[name], &digests[0], &target, None);
+            assert_eq!(got, score(c, target.total), "{name}");
+        }
     }
 
     #[test]
