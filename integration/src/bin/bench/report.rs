@@ -525,8 +525,9 @@ pub(crate) fn write(
     }
     let _ = writeln!(
         md,
-        "- Node-cache `ensure` latency, P2P egress and extender latency (issue #8's later \
-         scenarios): those components are not built yet.\n"
+        "- Node-cache `ensure` latency (the node cache has its own benchmark, \
+         `cargo bench -p thaw-node-cache --bench ensure`, not yet run here), P2P egress and \
+         extender latency (issue #8's later scenarios).\n"
     );
 
     // Plots.
