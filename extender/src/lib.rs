@@ -145,6 +145,7 @@ impl AppState {
         let mut ticker = tokio::time::interval(self.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut warming: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             ticker.tick().await;
             let read = tokio::time::timeout(Duration::from_secs(10), self.directory.node_directory()).await;
@@ -157,8 +158,11 @@ impl AppState {
                     }
                     self.scorer.set_holdings(&dir.nodes);
                     self.scorer.prune_herd(Instant::now());
-                    let resolver = self.resolver.clone();
-                    tokio::spawn(async move { resolver.warm_held(&dir.nodes).await });
+                    // One warming pass at a time, so `warm_concurrency` bounds the fetches.
+                    if warming.as_ref().is_none_or(|w| w.is_finished()) {
+                        let resolver = self.resolver.clone();
+                        warming = Some(tokio::spawn(async move { resolver.warm_held(&dir.nodes).await }));
+                    }
                 }
                 Ok(Err(e)) => self.directory_failed(&mut failing, e.to_string()),
                 Err(_) => self.directory_failed(&mut failing, "no answer within 10 s".into()),
