@@ -79,3 +79,50 @@ impl SnapshotRules {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn rules(template: Option<&str>) -> SnapshotRules {
+        SnapshotRules { registry: "reg.local:5000".into(), knative_template: template.map(str::to_owned) }
+    }
+
+    #[test]
+    fn the_annotation_wins_then_the_knative_template() {
+        let knative = serde_json::json!({"metadata": {"namespace": "team-a", "labels": {
+            "serving.knative.dev/revision": "hello-00003", "serving.knative.dev/service": "hello",
+            "serving.knative.dev/configuration": "hello-config"}}});
+        let r = rules(Some(DEFAULT_KNATIVE_TEMPLATE));
+        assert_eq!(
+            r.reference_for(&pod(knative.clone())).unwrap().to_string(),
+            "reg.local:5000/team-a/hello:hello-00003"
+        );
+        let custom = rules(Some("{registry}/functions/{configuration}-{revision}:latest"));
+        assert_eq!(
+            custom.reference_for(&pod(knative.clone())).unwrap().to_string(),
+            "reg.local:5000/functions/hello-config-hello-00003:latest"
+        );
+        let mut annotated = knative.clone();
+        annotated["metadata"]["annotations"] = serde_json::json!({SNAPSHOT_ANNOTATION: "other.host/fn/x@sha256:0000000000000000000000000000000000000000000000000000000000000000"});
+        let a = r.reference_for(&pod(annotated)).unwrap();
+        assert_eq!(a.registry(), "other.host");
+        assert!(a.digest().is_some());
+        // Without a host, the annotation resolves against the registry.
+        let short =
+            pod(serde_json::json!({"metadata": {"annotations": {SNAPSHOT_ANNOTATION: "fn/hello:v1"}}}));
+        assert_eq!(r.reference_for(&short).unwrap().to_string(), "reg.local:5000/fn/hello:v1");
+        // No template, or no label: not a thaw pod. A placeholder without a value: invalid.
+        assert_eq!(rules(None).reference_for(&pod(knative.clone())), Err(NoSnapshot::NotAThawPod));
+        assert_eq!(r.reference_for(&pod(serde_json::json!({}))), Err(NoSnapshot::NotAThawPod));
+        let no_service =
+            pod(serde_json::json!({"metadata": {"labels": {"serving.knative.dev/revision": "r-1"}}}));
+        assert!(matches!(r.reference_for(&no_service), Err(NoSnapshot::Invalid(_))));
+        let default_ns = rules(Some("{namespace}/{revision}"));
+        assert_eq!(default_ns.reference_for(&no_service).unwrap().to_string(), "reg.local:5000/default/r-1");
+    }
+}

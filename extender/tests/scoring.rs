@@ -178,3 +178,42 @@ async fn a_burst_of_one_revision_spreads_over_its_holders() {
     }
     assert_eq!(tops, ["node-a", "node-b", "node-c", "node-a", "node-b", "node-c"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_snapshot_answers_neutral_at_once_then_scores_once_fetched() {
+    let registry = ThawRegistry::start().await;
+    let host = registry.host();
+    let v1 = SnapshotData::new(1024, 128, 31);
+    let v2 = revision(&v1, 16, 32);
+    let r1 = push(&host, "fn/hello:hello-00001", &v1).await;
+    let r2 = push(&host, "fn/hello:hello-00002", &v2).await;
+    let ((d1, rec1), (_, rec2)) = (recipes(&r1).await, recipes(&r2).await);
+    publish(&host, "node-a", &[(&r1, d1)]).await;
+    let mut config = test_config(&host);
+    config.resolver.cold_wait = Duration::ZERO;
+    config.herd = HerdConfig::OFF;
+    let ext = Extender::start(config).await;
+    ext.wait_warm(1, 1).await;
+    // Revision 2 is held nowhere, so nothing warmed it: the first ask answers neutral at once
+    // and starts the fetch.
+    let pod = knative_pod("fn", "hello", "hello-00002", &[]);
+    let names = vec!["node-a".to_owned(), "node-b".to_owned()];
+    let first = ext.prioritize(&args_with_names(&pod, &names)).await;
+    assert_eq!(first, vec![("node-a".to_owned(), 0), ("node-b".to_owned(), 0)]);
+    let expected = expected_score(&[&rec1], &rec2);
+    assert!(expected > 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = ext.prioritize(&args_with_names(&pod, &names)).await;
+        if s[0].1 == expected {
+            assert_eq!(s[1].1, 0);
+            break;
+        }
+        assert_eq!(s[0].1, 0, "neutral until fetched, then exact: {s:?}");
+        assert!(Instant::now() < deadline, "revision 2 was never fetched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = reqwest::get(format!("http://{}/metrics", ext.addr)).await.unwrap().text().await.unwrap();
+    assert!(!m.contains("thaw_extender_neutral_total{reason=\"pending\"} 0\n"), "{m}");
+    assert!(m.contains("thaw_extender_cache_entries{cache=\"profiles\"} 2\n"), "{m}");
+}
