@@ -49,7 +49,8 @@ struct Args {
     #[arg(long, env = "THAW_PEER_ADVERTISE")]
     peer_advertise: Option<String>,
     /// A file holding the cluster token (at least 16 printable characters): required from
-    /// peers, presented to them. With a token, this node fetches chunks from peers.
+    /// peers, presented to them. With a token, this node fetches chunks from peers. Several
+    /// lines while rotating: the first is presented, all are accepted.
     /// Without it, the token is read from `THAW_PEER_TOKEN` if set.
     #[arg(long, env = "THAW_PEER_TOKEN_FILE")]
     peer_token_file: Option<PathBuf>,
@@ -64,10 +65,11 @@ struct Args {
     #[arg(long, env = "THAW_PEER_PENALTY_SECS", default_value_t = 60)]
     peer_penalty_secs: u64,
     /// Peer requests served at once, in total.
-    #[arg(long, env = "THAW_PEER_MAX_UPLOADS", default_value_t = 4)]
+    #[arg(long, env = "THAW_PEER_MAX_UPLOADS", default_value_t = 8)]
     peer_max_uploads: usize,
-    /// Peer requests served at once to one peer address.
-    #[arg(long, env = "THAW_PEER_MAX_UPLOADS_PER_PEER", default_value_t = 2)]
+    /// Peer requests served at once to one peer address (a fetching node has up to 3 batches
+    /// in flight).
+    #[arg(long, env = "THAW_PEER_MAX_UPLOADS_PER_PEER", default_value_t = 3)]
     peer_max_uploads_per_peer: usize,
 }
 
@@ -81,7 +83,7 @@ async fn peer_setup(
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("--peer-token-file {}: {e}", path.display()))?;
             Some(
-                PeerToken::new(&text)
+                PeerToken::from_lines(&text)
                     .map_err(|e| anyhow::anyhow!("--peer-token-file {}: {e}", path.display()))?,
             )
         }

@@ -4,11 +4,19 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use thaw_schema::ChunkId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Cache;
 use crate::error::Result;
+
+/// One upload to a peer in progress: a slot of its own and one of the total.
+pub(crate) struct UploadSlot {
+    _mine: OwnedSemaphorePermit,
+    _total: OwnedSemaphorePermit,
+}
 
 impl Cache {
     /// Whether an `ensure` is in progress on this node (peer uploads then go one at a time).
@@ -16,14 +24,23 @@ impl Cache {
         self.active_ensures.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 
-    /// A slot for one upload to the peer at `ip`, if it has fewer than its limit in progress.
-    pub(crate) fn peer_upload_slot(&self, ip: IpAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// A slot for one upload to the peer at `ip`, waiting up to `wait` for one of its
+    /// `max_uploads_per_peer` slots, then for one of the `max_uploads` in total.
+    pub(crate) async fn peer_upload_slot(&self, ip: IpAddr, wait: Duration) -> Option<UploadSlot> {
         let per_peer = self.config.peer.max_uploads_per_peer.max(1);
-        let mut map = self.uploads_per_peer.lock().expect("uploads lock");
-        // Forget idle peers, so the map stays as small as the set of busy peers.
-        map.retain(|_, s| s.available_permits() < per_peer);
-        let slot = map.entry(ip).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(per_peer)));
-        slot.clone().try_acquire_owned().ok()
+        let mine = {
+            let mut map = self.uploads_per_peer.lock().expect("uploads lock");
+            if map.len() > 256 {
+                // Forget idle peers, so the map stays about as small as the set of busy ones.
+                map.retain(|_, s| s.available_permits() < per_peer);
+            }
+            map.entry(ip).or_insert_with(|| Arc::new(Semaphore::new(per_peer))).clone()
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let mine = tokio::time::timeout_at(deadline, mine.acquire_owned()).await.ok()?.ok()?;
+        let total =
+            tokio::time::timeout_at(deadline, self.uploads.clone().acquire_owned()).await.ok()?.ok()?;
+        Some(UploadSlot { _mine: mine, _total: total })
     }
 
     /// For each id, a file of a complete snapshot holding it, with offset and length.
@@ -51,8 +68,8 @@ mod tests {
     use super::*;
     use crate::{CacheConfig, PeerOptions};
 
-    #[test]
-    fn each_peer_gets_at_most_its_upload_slots() {
+    #[tokio::test]
+    async fn each_peer_gets_at_most_its_upload_slots() {
         let dir = tempfile::tempdir().unwrap();
         let config = CacheConfig {
             registry: "127.0.0.1:9".into(),
@@ -62,16 +79,25 @@ mod tests {
             node_name: "n".into(),
             tag_ttl: Duration::from_secs(1),
             peer_endpoint: None,
-            peer: PeerOptions { max_uploads_per_peer: 2, ..PeerOptions::default() },
+            peer: PeerOptions { max_uploads_per_peer: 2, max_uploads: 3, ..PeerOptions::default() },
         };
         let cache = Cache::open(config).unwrap();
-        let (one, two): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let a = cache.peer_upload_slot(one).expect("first slot");
-        let _b = cache.peer_upload_slot(one).expect("second slot");
-        assert!(cache.peer_upload_slot(one).is_none(), "a third upload to one peer");
-        let _c = cache.peer_upload_slot(two).expect("another peer has its own slots");
-        drop(a);
-        assert!(cache.peer_upload_slot(one).is_some(), "a finished upload frees its slot");
-        assert_eq!(cache.uploads.available_permits(), PeerOptions::default().max_uploads);
+        let (one, two, three): (IpAddr, IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let now = Duration::ZERO;
+        let a = cache.peer_upload_slot(one, now).await.expect("first slot");
+        let _b = cache.peer_upload_slot(one, now).await.expect("second slot");
+        assert!(cache.peer_upload_slot(one, now).await.is_none(), "a third upload to one peer");
+        let _c = cache.peer_upload_slot(two, now).await.expect("another peer has its own slots");
+        assert!(cache.peer_upload_slot(three, now).await.is_none(), "a fourth upload in total");
+        // A waiting request gets the slot a finished upload frees.
+        let waiting = cache.peer_upload_slot(one, Duration::from_secs(5));
+        let freed = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(a);
+        };
+        let (got, ()) = tokio::join!(waiting, freed);
+        assert!(got.is_some(), "a freed slot went unused");
+        assert_eq!(cache.uploads.available_permits(), 0);
     }
 }

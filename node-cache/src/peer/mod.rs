@@ -31,38 +31,71 @@ pub const MAX_REQUEST_BODY: usize = 8 + 32 * MAX_IDS_PER_REQUEST;
 /// left out are fetched elsewhere (the client asks for at most 16 MiB at once).
 pub const MAX_ANSWER_RAW_BYTES: u64 = 32 * 1024 * 1024;
 
-/// The cluster token. Its `Debug` does not show it.
+/// The cluster token: the one this node presents, and every one it accepts (more than one
+/// while a token is rotated). Its `Debug` does not show them.
 #[derive(Clone)]
-pub struct PeerToken(String);
+pub struct PeerToken {
+    present: String,
+    accept: Vec<ChunkId>,
+}
 
 impl std::fmt::Debug for PeerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PeerToken(..)")
+        write!(f, "PeerToken({} accepted, ..)", self.accept.len())
     }
 }
 
+fn check_token(t: &str) -> Result<(), String> {
+    if t.len() < 16 {
+        return Err("a peer token must be at least 16 characters".into());
+    }
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("a peer token must be printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
 impl PeerToken {
-    /// A token; surrounding whitespace (a trailing newline in a file) is not part of it.
+    /// One token; surrounding whitespace (a trailing newline) is not part of it.
     pub fn new(token: &str) -> Result<Self, String> {
         let t = token.trim();
-        if t.len() < 16 {
-            return Err("the peer token must be at least 16 characters".into());
+        check_token(t)?;
+        Ok(Self { present: t.to_owned(), accept: vec![ChunkId::of(t.as_bytes())] })
+    }
+
+    /// Tokens one per line (blank lines and `#` comments skipped): the first is presented to
+    /// peers, every one is accepted from them. To rotate: add the new token as a second line
+    /// on every node, then move it first, then remove the old one.
+    pub fn from_lines(text: &str) -> Result<Self, String> {
+        let lines: Vec<&str> =
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+        let Some(first) = lines.first() else {
+            return Err("no token in it".into());
+        };
+        for l in &lines {
+            check_token(l)?;
         }
-        if !t.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("the peer token must be printable ASCII without spaces".into());
-        }
-        Ok(Self(t.to_owned()))
+        Ok(Self {
+            present: (*first).to_owned(),
+            accept: lines.iter().map(|l| ChunkId::of(l.as_bytes())).collect(),
+        })
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        &self.present
     }
 
-    /// Whether `presented` is this token, in time independent of where they differ (both
-    /// are hashed first, so the length is not revealed either).
+    /// Whether `presented` is one of the accepted tokens, in time independent of where it
+    /// differs (tokens are compared as BLAKE3 digests, every byte of every one, so neither
+    /// content nor length leaks).
     pub(crate) fn matches(&self, presented: &[u8]) -> bool {
-        let (a, b) = (ChunkId::of(self.0.as_bytes()), ChunkId::of(presented));
-        a.as_bytes().iter().zip(b.as_bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        let p = ChunkId::of(presented);
+        let mut hit = 0u8;
+        for a in &self.accept {
+            let diff = a.as_bytes().iter().zip(p.as_bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+            hit |= u8::from(diff == 0);
+        }
+        hit == 1
     }
 }
 
@@ -90,8 +123,8 @@ impl Default for PeerOptions {
             insecure: false,
             timeout: Duration::from_secs(5),
             penalty: Duration::from_secs(60),
-            max_uploads: 4,
-            max_uploads_per_peer: 2,
+            max_uploads: 8,
+            max_uploads_per_peer: 3,
         }
     }
 }
@@ -236,7 +269,17 @@ mod tests {
         assert!(!t.matches(b""));
         assert!(PeerToken::new("short").is_err());
         assert!(PeerToken::new("has a space in the middle").is_err());
-        assert_eq!(format!("{t:?}"), "PeerToken(..)");
+        assert_eq!(format!("{t:?}"), "PeerToken(1 accepted, ..)");
+    }
+
+    #[test]
+    fn a_token_file_may_hold_several_while_rotating() {
+        let t = PeerToken::from_lines("# rotating\nnew-token-0123456789\n\nold-token-0123456789\n").unwrap();
+        assert_eq!(t.as_str(), "new-token-0123456789");
+        assert!(t.matches(b"new-token-0123456789") && t.matches(b"old-token-0123456789"));
+        assert!(!t.matches(b"other-token-0123456789"));
+        assert!(PeerToken::from_lines("# nothing\n").is_err());
+        assert!(PeerToken::from_lines("good-token-0123456789\nshort\n").is_err());
     }
 
     #[test]

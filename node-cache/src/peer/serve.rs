@@ -9,8 +9,8 @@
 //! Every request must carry `Authorization: Bearer <cluster token>`; without it the answer
 //! is 401 and nothing is read. Uploads are bounded in total and per peer address, and to one
 //! at a time while this node runs an `ensure` of its own, so serving peers never starves its
-//! own restores: a request beyond the limits is answered 503 at once and the peer goes
-//! elsewhere.
+//! own restores: a request waits up to a second for a slot, then is answered 503 and the
+//! peer goes elsewhere.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,6 +19,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -35,8 +36,13 @@ use super::{CHUNKS_PATH, MAX_ANSWER_RAW_BYTES, MAX_IDS_PER_REQUEST, MAX_REQUEST_
 use crate::cache::Cache;
 use crate::error::{CacheError, Result};
 
-/// zstd level for chunks sent to peers (the client's default).
-const ZSTD_LEVEL: i32 = thaw_client::tuning::ZSTD_LEVEL;
+/// Longest a request waits for an upload slot before it is answered 503.
+const QUEUE_WAIT: Duration = Duration::from_millis(1000);
+
+/// zstd level for chunks sent to peers: 1, not the registry's 3. Serving compresses every
+/// chunk for every request, and with one node serving 8 (`benches/p2p.rs`) level 1 halved
+/// both the registry fallback and the time to the last node (docs/DECISIONS.md D12).
+const ZSTD_LEVEL: i32 = 1;
 
 /// The peer router over a cache. Serve it with connect info
 /// (`into_make_service_with_connect_info::<SocketAddr>()`): per-peer limits go by address.
@@ -97,9 +103,8 @@ async fn chunks(
         cache.peers.busy.fetch_add(1, Ordering::Relaxed);
         CacheError::Busy(format!("{what}; fetch these chunks elsewhere"))
     };
-    let _mine = cache.peer_upload_slot(peer.ip()).ok_or_else(|| busy("too many uploads to this peer"))?;
-    let _total =
-        cache.uploads.clone().try_acquire_owned().map_err(|_| busy("too many uploads to peers at once"))?;
+    let slot = cache.peer_upload_slot(peer.ip(), QUEUE_WAIT).await;
+    let _slot = slot.ok_or_else(|| busy("at the upload limits"))?;
     // While this node restores a snapshot itself, it serves one peer request at a time.
     let in_progress = cache.config().peer.max_uploads.max(1) - cache.uploads.available_permits();
     if cache.restoring() && in_progress > 1 {
