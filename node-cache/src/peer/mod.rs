@@ -7,12 +7,13 @@
 //! against its id, and a peer that errs, stalls or lies is avoided for a while
 //! ([`PeerBook`]), its chunks fetched from the registry instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use thaw_schema::frame::EncodedChunk;
 use thaw_schema::ChunkId;
 
 pub(crate) mod fetch;
@@ -172,6 +173,42 @@ pub(crate) struct PeerBook {
     pub(crate) busy: AtomicU64,
     /// A scrub started by the peer service is running.
     pub(crate) scrubbing: std::sync::atomic::AtomicBool,
+    /// Chunks recently encoded for peers.
+    pub(crate) frames: Mutex<FrameCache>,
+}
+
+/// Bytes of encoded chunks the peer service keeps in memory.
+pub const FRAME_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Chunks recently encoded for peers, so a chunk several peers ask for is read, checked and
+/// compressed once. Oldest first out, bounded by [`FRAME_CACHE_BYTES`]. Only chunks that
+/// passed their check enter it.
+#[derive(Debug, Default)]
+pub(crate) struct FrameCache {
+    map: HashMap<ChunkId, Arc<EncodedChunk>>,
+    order: VecDeque<ChunkId>,
+    bytes: usize,
+}
+
+impl FrameCache {
+    pub(crate) fn get(&self, id: &ChunkId) -> Option<Arc<EncodedChunk>> {
+        self.map.get(id).cloned()
+    }
+
+    pub(crate) fn put(&mut self, id: ChunkId, chunk: Arc<EncodedChunk>) {
+        if chunk.payload.len() > FRAME_CACHE_BYTES || self.map.contains_key(&id) {
+            return;
+        }
+        self.bytes += chunk.payload.len();
+        self.map.insert(id, chunk);
+        self.order.push_back(id);
+        while self.bytes > FRAME_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(c) = self.map.remove(&old) {
+                self.bytes -= c.payload.len();
+            }
+        }
+    }
 }
 
 impl PeerBook {
@@ -280,6 +317,27 @@ mod tests {
         assert!(!t.matches(b"other-token-0123456789"));
         assert!(PeerToken::from_lines("# nothing\n").is_err());
         assert!(PeerToken::from_lines("good-token-0123456789\nshort\n").is_err());
+    }
+
+    #[test]
+    fn the_frame_cache_keeps_the_newest_within_its_bound() {
+        let mut cache = FrameCache::default();
+        let chunk = |n: u8| Arc::new(EncodedChunk::compress(&vec![n; 4 << 20], 1));
+        let big = |_: u8| {
+            let mut noise = vec![0u8; 4 << 20];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut noise);
+            Arc::new(EncodedChunk::compress(&noise, 1))
+        };
+        let ids: Vec<ChunkId> = (0..20u8).map(|n| ChunkId::of(&[n])).collect();
+        cache.put(ids[0], chunk(0));
+        assert!(cache.get(&ids[0]).is_some());
+        for (i, id) in ids.iter().enumerate().skip(1) {
+            cache.put(*id, big(i as u8));
+        }
+        assert!(cache.bytes <= FRAME_CACHE_BYTES);
+        assert!(cache.get(&ids[0]).is_none() && cache.get(&ids[1]).is_none(), "the oldest went first");
+        assert!(cache.get(&ids[19]).is_some());
+        assert_eq!(cache.map.len(), cache.order.len());
     }
 
     #[test]

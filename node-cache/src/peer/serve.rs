@@ -4,7 +4,9 @@
 //! framing of the registry's `_thaw/chunks/fetch`) holding, in request order, the asked
 //! chunks this node has in complete snapshots. Chunks it lacks are left out: the caller
 //! fetches them elsewhere. Every chunk is read from its cached file, checked against its id
-//! (a damaged file is never served) and compressed.
+//! (a damaged file is never served; finding one starts a scrub, which drops the damaged
+//! snapshot) every time, and compressed once: recently encoded chunks are kept in memory
+//! for the next peer asking (`FrameCache`).
 //!
 //! Every request must carry `Authorization: Bearer <cluster token>`; without it the answer
 //! is 401 and nothing is read. Uploads are bounded in total and per peer address, and to one
@@ -159,7 +161,17 @@ fn build_answer(
             tracing::warn!(chunk = %id, path = %path.display(), offset, "a cached chunk failed its check; not serving it");
             continue;
         }
-        encode_entry(&mut out, id, &EncodedChunk::compress(&data, ZSTD_LEVEL));
+        // Read and checked every time (cheap next to compressing); compressed once.
+        let known = cache.peers.frames.lock().expect("frame cache lock").get(id);
+        let chunk = match known {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(EncodedChunk::compress(&data, ZSTD_LEVEL));
+                cache.peers.frames.lock().expect("frame cache lock").put(*id, c.clone());
+                c
+            }
+        };
+        encode_entry(&mut out, id, &chunk);
         raw += u64::from(*len);
         count += 1;
     }
