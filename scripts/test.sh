@@ -10,6 +10,10 @@
 #                         replicas, faults), each test binary with its own Garage on loopback
 #   6. test-s3            the registry's black-box suites again with every registry on Garage
 #                         (THAW_TEST_STORAGE=s3): conformance, bad input, dedup
+#   7. bench-smoke        the benchmark runner at --quick scale on the quick corpus (real QEMU
+#                         guests, made once into target/corpus-quick): thaw, oras-py +
+#                         docker-registry and whole-file S3 in one run, every restore checked
+#                         byte for byte; a smoke test, nothing timed is asserted
 #
 # Exits non-zero at the first failing stage; prints how long each stage took either way.
 set -euo pipefail
@@ -110,4 +114,14 @@ end
 begin test-s3 "THAW_TEST_STORAGE=s3 cargo test -p thaw-registry: conformance, bad input, dedup on Garage"
 THAW_TEST_STORAGE=s3 cargo test -p thaw-registry --locked --no-fail-fast \
   --test conformance --test bad_input --test dedup_storage 2>&1 | tee -a "$test_log"
+end
+
+begin bench-smoke "corpus --quick, then cargo run -p thaw-integration --bin bench -- --quick"
+# make-corpus.sh skips snapshots already built with the same settings, and installs the
+# Debian packages it needs (qemu-system-x86, a guest kernel, busybox) only when missing.
+bash integration/corpus/make-corpus.sh --quick </dev/null
+# The runner drives the thaw and thaw-registry binaries next to its own (target/debug),
+# which the test stage built.
+cargo build --locked -p thaw-registry -p thaw-client
+cargo run --locked -p thaw-integration --bin bench -- --quick </dev/null
 end
