@@ -1,6 +1,7 @@
 //! P2P between node caches, end to end: a thaw-registry on loopback, real `thaw-node-cache`
 //! processes serving each other chunks, and adversarial peers (test servers posing as nodes in
-//! the registry's node directory) that lie, truncate, stall or die mid-transfer.
+//! the registry's node directory) that lie, truncate, stall or die mid-transfer; the token and
+//! `--peer-insecure`.
 
 mod support;
 
@@ -432,4 +433,26 @@ async fn a_peer_that_dies_mid_transfer_costs_time_not_correctness() {
     assert!(peers > 0 && reg > 0, "{got}");
     assert_eq!(peers + reg, all_v1, "{got}");
     assert!(metric(&b, "thaw_cache_peer_failures_total{reason=\"error\"}").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_mode_serves_and_fetches_without_a_token_only_when_asked() {
+    let registry = ThawRegistry::start().await;
+    let host = registry.host();
+    let v1 = push(&host, "fn/open:v1", SnapshotData::new(512, 64, 31)).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let insecure = ["--peer-insecure", "--peer-listen", "auto"];
+    let a = NodeCache::start_with(&host, dirs.0.path(), 1 << 30, "node-a", &insecure).await;
+    let cold = a.ensure(&v1.reference).await;
+    wait_for_holdings(&host, "node-a", cold["digest"].as_str().unwrap()).await;
+    let all = new_chunk_bytes(&[], &recipes(&v1.reference).await);
+    // A node without P2P flags never asks peers.
+    let plain = NodeCache::start(&host, dirs.1.path(), 1 << 30, "node-plain").await;
+    let got = plain.ensure(&v1.reference).await;
+    assert_eq!((bytes_from(&got, "peers"), bytes_from(&got, "registry")), (0, all), "{got}");
+    // An insecure node fetches from an insecure peer.
+    let b = NodeCache::start_with(&host, dirs.2.path(), 1 << 30, "node-b", &["--peer-insecure"]).await;
+    let got = b.ensure(&v1.reference).await;
+    assert_files(&got, &v1.data);
+    assert_eq!((bytes_from(&got, "peers"), bytes_from(&got, "registry")), (all, 0), "{got}");
 }

@@ -28,9 +28,11 @@ pub const MAX_IDS_PER_REQUEST: usize = 4096;
 /// Largest peer request body: the binary id list of [`MAX_IDS_PER_REQUEST`] ids.
 pub const MAX_REQUEST_BODY: usize = 8 + 32 * MAX_IDS_PER_REQUEST;
 
-/// A peer answer stops adding chunks once their uncompressed bytes reach this; the chunks
-/// left out are fetched elsewhere (the client asks for at most 16 MiB at once).
-pub const MAX_ANSWER_RAW_BYTES: u64 = 32 * 1024 * 1024;
+/// A peer answer stops adding chunks before their uncompressed bytes pass this; the chunks
+/// left out are fetched elsewhere. It is what the client asks for at most at once, so a
+/// well-behaved request is answered whole, and bounds the memory of one answer (answers are
+/// built whole, not streamed: at most `max_uploads` of them at once).
+pub const MAX_ANSWER_RAW_BYTES: u64 = thaw_client::tuning::FETCH_BATCH_RAW_BYTES;
 
 /// The cluster token: the one this node presents, and every one it accepts (more than one
 /// while a token is rotated). Its `Debug` does not show them.
