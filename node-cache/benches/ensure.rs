@@ -130,20 +130,19 @@ async fn main() {
     let mut hit = Vec::with_capacity(hits);
     let mut hit_copying = Vec::with_capacity(hits);
     let mut server_ms = Vec::with_capacity(hits);
-    for i in 0..2 * hits {
-        let spaced = i < hits;
-        if spaced {
-            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-        }
+    for _ in 0..hits {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
         let t = Instant::now();
         let a = node.ensure(&refs[0]).await;
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        if spaced {
-            hit.push(ms);
-            server_ms.push(a["millis"].as_u64().unwrap() as f64);
-        } else {
-            hit_copying.push(ms);
-        }
+        hit.push(t.elapsed().as_secs_f64() * 1000.0);
+        server_ms.push(a["millis"].as_u64().unwrap() as f64);
+        node.release(a["lease"].as_str().unwrap()).await;
+    }
+    let spaced_bound = server_p99_bucket(&node, hits).await;
+    for _ in 0..hits {
+        let t = Instant::now();
+        let a = node.ensure(&refs[0]).await;
+        hit_copying.push(t.elapsed().as_secs_f64() * 1000.0);
         node.release(a["lease"].as_str().unwrap()).await;
     }
     for v in [&mut cold, &mut warm_rev, &mut other, &mut hit, &mut hit_copying, &mut server_ms] {
@@ -209,7 +208,8 @@ async fn main() {
     let _ = writeln!(
         out,
         "\nMiss rows give the median and the slowest of {runs} runs in place of p50/p99. Server-side time of a hit \
-         (whole milliseconds): p50 {} ms, p99 {} ms.",
+         with a spare ready (`millis`, whole milliseconds): p50 {} ms, p99 {} ms; by the cache's own \
+         `thaw_cache_ensure_seconds` histogram, 99% of those hits took at most {spaced_bound} ms.",
         percentile(&server_ms, 0.5),
         percentile(&server_ms, 0.99)
     );
@@ -218,4 +218,20 @@ async fn main() {
         std::fs::write(&path, &out).expect("writing the report");
         eprintln!("report written to {}", PathBuf::from(path).display());
     }
+}
+
+/// The smallest histogram bucket (ms) holding 99% of the `hits` ensures after the first
+/// (a miss) that the node has served.
+async fn server_p99_bucket(node: &NodeCache, hits: usize) -> String {
+    let text = reqwest::get(node.url("/metrics")).await.unwrap().text().await.unwrap();
+    // The first ensure, a miss, lands in a bucket far above any hit.
+    let wanted = (hits as f64 * 0.99).ceil() as u64;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("thaw_cache_ensure_seconds_bucket{le=\"") else { continue };
+        let (le, count) = rest.split_once("\"} ").unwrap();
+        if count.trim().parse::<u64>().unwrap() >= wanted && le != "+Inf" {
+            return format!("{}", le.parse::<f64>().unwrap() * 1000.0);
+        }
+    }
+    "more than 10000".into()
 }

@@ -1,4 +1,4 @@
-//! End to end: a thaw-registry on loopback and real `thaw-node-cache` processes.
+//! End to end: a `thaw-registry` process and real `thaw-node-cache` processes on loopback.
 //!
 //! Cold and warm ensure, a second revision that fetches only the chunks it does not share,
 //! eviction order under a small capacity, leases blocking eviction, concurrent ensures
@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::{
-    assert_files, bytes_from, new_chunk_bytes, push, recipes, revision, NodeCache, SnapshotData, ThawRegistry,
+    assert_files, bytes_from, new_chunk_bytes, push, recipes, revision, NodeCache, RegistryProcess,
+    SnapshotData,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_warm_and_second_revision_fetch_only_what_they_lack() {
-    let registry = ThawRegistry::start().await;
+    let registry = RegistryProcess::start().await;
     let host = registry.host();
     let v1 = push(&host, "fn/hello:v1", SnapshotData::new(4096, 512, 1)).await;
     let v2 = push(&host, "fn/hello:v2", revision(&v1.data, 8, 2)).await;
@@ -112,7 +113,7 @@ async fn cold_warm_and_second_revision_fetch_only_what_they_lack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lru_eviction_and_leases() {
-    let registry = ThawRegistry::start().await;
+    let registry = RegistryProcess::start().await;
     let host = registry.host();
     // Three unrelated functions (their memory shares only the common page pool).
     let s: Vec<_> = futures_join(&host).await;
@@ -205,7 +206,7 @@ async fn futures_join(host: &str) -> Vec<support::Pushed> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_ensures_of_one_snapshot_fetch_it_once() {
-    let registry = ThawRegistry::start().await;
+    let registry = RegistryProcess::start().await;
     let host = registry.host();
     let v1 = push(&host, "fn/burst:v1", SnapshotData::new(4096, 512, 7)).await;
     let dir = tempfile::tempdir().unwrap();
@@ -234,7 +235,7 @@ async fn concurrent_ensures_of_one_snapshot_fetch_it_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_cached_files_are_found_and_fetched_again() {
-    let registry = ThawRegistry::start().await;
+    let registry = RegistryProcess::start().await;
     let host = registry.host();
     let v1 = push(&host, "fn/rot:v1", SnapshotData::new(2048, 256, 3)).await;
     let v2 = push(&host, "fn/rot:v2", revision(&v1.data, 20, 4)).await;

@@ -48,6 +48,63 @@ pub fn revision(base: &SnapshotData, changed: usize, seed: u64) -> SnapshotData 
     SnapshotData { memory, vmstate: base.vmstate.clone(), disk, info }
 }
 
+/// The `thaw-registry` binary of this target directory, as a separate process on a free
+/// loopback port with its storage in a temporary directory; killed on drop. A test binary
+/// runs from `target/<profile>/deps/`, the registry's binary is in `target/<profile>/`:
+/// `cargo test --workspace` builds it (thaw-registry has tests of its own); for
+/// `cargo test -p thaw-node-cache` alone, `cargo build -p thaw-registry` first.
+pub struct RegistryProcess {
+    child: Child,
+    addr: String,
+    _storage: tempfile::TempDir,
+}
+
+impl RegistryProcess {
+    pub async fn start() -> Self {
+        let exe = std::env::current_exe().expect("current_exe");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary in target/<profile>/deps")
+            .join("thaw-registry");
+        assert!(
+            bin.is_file(),
+            "{} is missing: run `cargo build -p thaw-registry` (cargo test --workspace builds it)",
+            bin.display()
+        );
+        let storage = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(&bin)
+            .args(["--listen", &addr, "--storage"])
+            .arg(storage.path())
+            .env("THAW_LOG", "warn")
+            .env("THAW_UPLOAD_DIR", storage.path().join("uploads"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting thaw-registry");
+        let me = Self { child, addr, _storage: storage };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http.get(format!("http://{}/v2/", me.addr)).send().await.is_ok_and(|r| r.status().is_success())
+        {
+            assert!(Instant::now() < deadline, "thaw-registry did not answer on {}", me.addr);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        me
+    }
+
+    pub fn host(&self) -> String {
+        self.addr.clone()
+    }
+}
+
+impl Drop for RegistryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `thaw-node-cache`; killed on drop.
 pub struct NodeCache {
     child: Option<Child>,
