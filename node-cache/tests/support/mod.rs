@@ -1,6 +1,6 @@
 //! Shared by the node-cache tests: a registry holding snapshots, and `thaw-node-cache`
 //! processes (the real binary) talking to it over loopback.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
