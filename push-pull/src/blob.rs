@@ -58,6 +58,18 @@ pub struct BlobTarget<'a> {
     pub path: &'a Path,
 }
 
+/// Creates (or truncates) the target file and describes it for the materializer.
+fn prepare<'a>(target: BlobTarget<'a>, what: &str) -> Result<Target<'a>> {
+    create_empty(target.path)?;
+    Ok(Target {
+        repository: target.repository,
+        digest: target.digest,
+        size: target.size,
+        temp: target.path,
+        what: what.to_owned(),
+    })
+}
+
 fn create_empty(path: &Path) -> Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
@@ -96,27 +108,13 @@ pub async fn write_from_recipe_with(
         .into_iter()
         .map(|(id, c)| (id, Location { path: c.path, offset: c.offset, len: c.len }))
         .collect();
-    create_empty(target.path)?;
-    let t = Target {
-        repository: target.repository,
-        digest: target.digest,
-        size: target.size,
-        temp: target.path,
-        what: what.to_owned(),
-    };
+    let t = prepare(target, what)?;
     materialize::from_recipe_with(registry, &t, recipe, Arc::new(local), None, peers).await
 }
 
 /// Downloads the blob whole with plain `GET`s (a registry without `_thaw`, or a blob
 /// without a recipe), with zero blocks left as holes, and checks its digest.
 pub async fn download(registry: &Registry, target: BlobTarget<'_>, what: &str) -> Result<()> {
-    create_empty(target.path)?;
-    let t = Target {
-        repository: target.repository,
-        digest: target.digest,
-        size: target.size,
-        temp: target.path,
-        what: what.to_owned(),
-    };
+    let t = prepare(target, what)?;
     materialize::download(registry, &t).await
 }
