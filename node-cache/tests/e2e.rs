@@ -299,3 +299,56 @@ fn flip_byte(path: &str, offset: u64, keep_mtime: bool) {
         file.set_modified(mtime + Duration::from_secs(1)).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_then_prefetch_on_another_node_then_hit() {
+    let registry = RegistryProcess::start().await;
+    let host = registry.host();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = NodeCache::start(&host, dirs.0.path(), 1 << 30, "node-pub").await;
+    let b = NodeCache::start(&host, dirs.1.path(), 1 << 30, "node-pre").await;
+    // A snapshot this node just took, published through its cache.
+    let data = SnapshotData::new(2048, 256, 55);
+    let snapshot = tempfile::tempdir().unwrap();
+    data.write(snapshot.path());
+    let reference = format!("{host}/fn/published:v1");
+    let (status, published) = a
+        .post(
+            "/v1/snapshots/publish",
+            json!({"reference": reference, "dir": snapshot.path().display().to_string()}),
+        )
+        .await;
+    assert_eq!(status, 200, "{published}");
+    assert!(published["bytes_sent"].as_u64().unwrap() > 0);
+    let (status, body) =
+        a.post("/v1/snapshots/publish", json!({"reference": reference, "dir": "relative/dir"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("BAD_REQUEST")), "{body}");
+
+    // Prefetched on the other node, in the background; then an ensure is a hit.
+    let (status, body) = b.post("/v1/snapshots/prefetch", json!({"reference": reference})).await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !b.cached().await.contains(&published["digest"].as_str().unwrap().to_owned()) {
+        assert!(std::time::Instant::now() < deadline, "the prefetch never completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hit = b.ensure(&reference).await;
+    assert_eq!(hit["hit"], true, "{hit}");
+    assert_eq!(hit["digest"], published["digest"]);
+    assert_files(&hit, &data);
+    // A prefetch takes no lease.
+    let listing = b.get("/v1/snapshots").await;
+    assert_eq!(listing["snapshots"][0]["leases"], 1, "only the ensure's lease: {listing}");
+
+    // Bad input to the local API: clear errors, nothing cached.
+    let (status, body) = b.post("/v1/snapshots/ensure", json!({"reference": "Not A Reference"})).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) =
+        b.post("/v1/snapshots/ensure", json!({"reference": format!("{host}/fn/published:nope")})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("NOT_FOUND")), "{body}");
+    let (status, body) = b.post("/v1/snapshots/ensure", json!({"ref": "x"})).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = b.post("/v1/snapshots/release", json!({"lease": "no-such-lease"})).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(b.cached().await.len(), 1);
+}
