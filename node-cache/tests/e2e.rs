@@ -352,3 +352,49 @@ async fn publish_then_prefetch_on_another_node_then_hit() {
     assert_eq!(status, 404, "{body}");
     assert_eq!(b.cached().await.len(), 1);
 }
+
+/// The `thaw` CLI of this target directory (built by `cargo test --workspace`, as thaw-client
+/// has tests of its own; `cargo build -p thaw-client` otherwise).
+fn thaw_cli() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(std::path::Path::parent).unwrap().join("thaw");
+    assert!(bin.is_file(), "{} is missing: run `cargo build -p thaw-client`", bin.display());
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thaw_cache_subcommands_drive_the_local_api() {
+    let registry = RegistryProcess::start().await;
+    let host = registry.host();
+    let v1 = push(&host, "fn/cli:v1", SnapshotData::new(1024, 128, 77)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeCache::start(&host, dir.path(), 1 << 30, "node-cli").await;
+    let thaw = |args: &[&str]| {
+        let out = std::process::Command::new(thaw_cli())
+            .args(args)
+            .env("THAW_NODE_CACHE", format!("http://{}", node.addr))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = thaw(&["--json", "cache", "ensure", &v1.reference]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_files(&answer, &v1.data);
+    let (code, stdout, _) = thaw(&["cache", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains(answer["digest"].as_str().unwrap()) && stdout.contains("1 leases"), "{stdout}");
+    let (code, _, stderr) = thaw(&["cache", "release", answer["lease"].as_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // Failures: exit 1 with the node cache's code and message; usage errors exit 2.
+    let (code, _, stderr) = thaw(&["cache", "ensure", &format!("{host}/fn/cli:missing")]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("NOT_FOUND") && stderr.contains("fn/cli:missing"), "{stderr}");
+    let (code, _, stderr) = thaw(&["cache", "release"]);
+    assert_eq!(code, Some(2), "{stderr}");
+}
