@@ -12,6 +12,7 @@
 pub mod batch;
 pub mod cache_api;
 pub mod chunker;
+pub mod crd;
 pub mod digest;
 pub mod dto;
 pub mod error;
