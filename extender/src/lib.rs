@@ -5,7 +5,8 @@
 //! It owns the extender protocol (`wire`, exactly as kube-scheduler speaks it), the mapping of
 //! pods to snapshots (`snapshot`), coverage scoring in memory (`scorer`), herd damping
 //! (`herd`) and the registry side (`resolver`: tags, manifests and recipes, cached). Holdings
-//! come from the registry's node directory, polled in the background.
+//! come from the registry's node directory, polled in the background, or from
+//! `NodeSnapshotCache` objects through a kube reflector (`kube_holdings`).
 //!
 //! It must not block or fail scheduling: every problem (a pod without a snapshot, an unknown
 //! snapshot, an unreachable registry, a snapshot not yet cached) answers neutral scores (all
@@ -14,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod herd;
+pub mod kube_holdings;
 pub mod metrics;
 pub mod resolver;
 pub mod scorer;
@@ -30,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use thaw_client::{ClientOptions, Registry, RetryPolicy};
+use thaw_schema::holdings::NodeHoldings;
 
 use crate::herd::HerdConfig;
 use crate::metrics::{Metrics, Neutral, Verb};
@@ -156,18 +159,34 @@ impl AppState {
                         tracing::info!(nodes = dir.nodes.len(), "node directory readable again");
                         failing = false;
                     }
-                    self.scorer.set_holdings(&dir.nodes);
+                    self.apply_holdings(dir.nodes, &mut warming);
                     self.scorer.prune_herd(Instant::now());
-                    // One warming pass at a time, so `warm_concurrency` bounds the fetches.
-                    if warming.as_ref().is_none_or(|w| w.is_finished()) {
-                        let resolver = self.resolver.clone();
-                        warming = Some(tokio::spawn(async move { resolver.warm_held(&dir.nodes).await }));
-                    }
                 }
                 Ok(Err(e)) => self.directory_failed(&mut failing, e.to_string()),
                 Err(_) => self.directory_failed(&mut failing, "no answer within 10 s".into()),
             }
         }
+    }
+
+    /// Replaces the scorer's holdings with `nodes` and, unless a pass is still running,
+    /// starts fetching the profiles of what they hold (one warming pass at a time, so
+    /// `warm_concurrency` bounds the fetches).
+    pub(crate) fn apply_holdings(
+        &self,
+        nodes: Vec<NodeHoldings>,
+        warming: &mut Option<tokio::task::JoinHandle<()>>,
+    ) {
+        self.scorer.set_holdings(&nodes);
+        if warming.as_ref().is_none_or(|w| w.is_finished()) {
+            let resolver = self.resolver.clone();
+            *warming = Some(tokio::spawn(async move { resolver.warm_held(&nodes).await }));
+        }
+    }
+
+    /// Starts the `NodeSnapshotCache` reflector on `client` instead of the directory poller
+    /// (`--holdings kube`). Runs until the runtime stops.
+    pub fn spawn_kube(self: &Arc<Self>, client: kube::Client) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(kube_holdings::run(self.clone(), client))
     }
 
     fn directory_failed(&self, failing: &mut bool, why: String) {

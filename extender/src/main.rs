@@ -12,7 +12,7 @@ use thaw_extender::{app, AppState, Config};
 enum Holdings {
     /// The registry's node directory (`GET /v2/_thaw/nodes`).
     Registry,
-    /// `NodeSnapshotCache` objects through a kube reflector (not built yet).
+    /// `NodeSnapshotCache` objects through a kube reflector (in-cluster config or kubeconfig).
     Kube,
 }
 
@@ -36,7 +36,7 @@ struct Args {
     /// {registry} {namespace} {service} {configuration} {revision}. Empty: no mapping.
     #[arg(long, env = "THAW_KNATIVE_TEMPLATE", default_value = thaw_extender::snapshot::DEFAULT_KNATIVE_TEMPLATE)]
     knative_template: String,
-    /// Milliseconds between reads of the node directory.
+    /// Milliseconds between reads of the node directory (`--holdings registry`).
     #[arg(long, env = "THAW_POLL_INTERVAL_MS", default_value_t = 1000)]
     poll_interval_ms: u64,
     /// Seconds a tag's digest is trusted before it is asked again.
@@ -77,13 +77,6 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if args.holdings == Holdings::Kube {
-        anyhow::bail!(
-            "--holdings kube is not built yet: this build has no Kubernetes client (no NodeSnapshotCache \
-             reflector). Use --holdings registry, with the node caches publishing to the registry's node \
-             directory (see docs/OPERATIONS.md)"
-        );
-    }
     let (host, plain_http) = match args.registry.split_once("://") {
         Some(("http", rest)) => (rest.trim_end_matches('/').to_owned(), true),
         Some(("https", rest)) => (rest.trim_end_matches('/').to_owned(), false),
@@ -108,7 +101,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_penalty: args.herd_max_penalty,
     };
     let state = AppState::new(&config)?;
-    state.spawn_background();
+    match args.holdings {
+        Holdings::Registry => drop(state.spawn_background()),
+        Holdings::Kube => {
+            // In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config.
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!("--holdings kube: no Kubernetes client configuration ({e}); run in a pod or set KUBECONFIG")
+            })?;
+            drop(state.spawn_kube(client));
+        }
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, registry = %host, "listening");
     let shutdown = async {
