@@ -147,7 +147,11 @@ pub(crate) fn read_range(
         let piece = match entry {
             RecipeEntry::Zero { .. } => Ok(Bytes::from_static(&ZEROS[from..to])),
             RecipeEntry::Data { id, .. } => match chunks.try_next().await {
-                Ok(Some(data)) => Ok(data.slice(from..to)),
+                Ok(Some(data)) if data.len() == entry.byte_len() as usize => Ok(data.slice(from..to)),
+                Ok(Some(data)) => Err(StoreError::Corrupt {
+                    key: format!("chunk {id}"),
+                    why: format!("{} bytes where the recipe says {}", data.len(), entry.byte_len()),
+                }),
                 Ok(None) => Err(StoreError::Corrupt {
                     key: format!("chunk {id}"),
                     why: "chunk reader ended early".into(),

@@ -9,6 +9,7 @@
 mod error;
 mod handlers;
 mod ingest;
+mod limits;
 pub mod routes;
 mod storage;
 mod uploads;
@@ -28,6 +29,8 @@ use thaw_schema::chunker::ChunkerParams;
 
 pub use error::{ApiError, ApiResult};
 pub use handlers::{router, AppState};
+pub use limits::{Limits, RateLimit, DEFAULT_INFLIGHT_WAIT, DEFAULT_MAX_INFLIGHT};
+pub use storage::faults::{Fault, Faults, Faulty, Op, Rule, RuleId};
 pub use storage::metrics::{process_storage_metrics, Counted, StorageCounts, StorageMetrics};
 pub use storage::{ChunkWriter, Store, StoreError, DEFAULT_PACK_TARGET};
 
@@ -47,6 +50,31 @@ impl RegistryConfig {
     /// A config with the given address and storage.
     pub fn new(listen: SocketAddr, storage: impl Into<String>) -> Self {
         Self { listen, storage: storage.into() }
+    }
+}
+
+/// What a registry runs with besides its address and storage: request limits, and (for
+/// tests) faults to inject into its object store. Kept apart from [`RegistryConfig`] so
+/// that config stays the two fields other crates build literally.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Request limits.
+    pub limits: Limits,
+    /// When set, the object store is wrapped in [`Faulty`] driven by these rules (inside
+    /// the request counter, so injected calls are still counted).
+    pub faults: Option<Arc<Faults>>,
+}
+
+impl ServeOptions {
+    /// The same options with `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+    /// The same options injecting `faults` into the object store.
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> Self {
+        self.faults = Some(faults);
+        self
     }
 }
 
@@ -77,9 +105,16 @@ pub const S3_RETRY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Spool files are local to the process in both cases: under the storage directory, or for
 /// S3 under `THAW_UPLOAD_DIR` (default: a per-port directory in the system temp dir, so
 /// replicas on one host never share one; with port 0, a per-process-and-registry one).
-fn open_objects(config: &RegistryConfig) -> anyhow::Result<(Arc<dyn ObjectStore>, PathBuf)> {
+fn open_objects(
+    config: &RegistryConfig,
+    faults: Option<&Arc<Faults>>,
+) -> anyhow::Result<(Arc<dyn ObjectStore>, PathBuf)> {
     let upload_dir_override = std::env::var_os("THAW_UPLOAD_DIR").map(PathBuf::from);
     let counted = |store: Arc<dyn ObjectStore>| -> Arc<dyn ObjectStore> {
+        let store: Arc<dyn ObjectStore> = match faults {
+            Some(f) => Arc::new(Faulty::new(store, f.clone())),
+            None => store,
+        };
         Arc::new(Counted::new(store, process_storage_metrics()))
     };
     if let Some(rest) = config.storage.strip_prefix("s3://") {
@@ -148,9 +183,15 @@ fn s3_builder() -> anyhow::Result<AmazonS3Builder> {
     Ok(builder)
 }
 
-/// Opens the storage named in `config` and builds the shared state.
+/// Opens the storage named in `config` and builds the shared state, with default
+/// [`ServeOptions`].
 pub fn open_state(config: &RegistryConfig) -> anyhow::Result<Arc<AppState>> {
-    let (objects, spool) = open_objects(config)?;
+    open_state_with(config, &ServeOptions::default())
+}
+
+/// Opens the storage named in `config` and builds the shared state.
+pub fn open_state_with(config: &RegistryConfig, options: &ServeOptions) -> anyhow::Result<Arc<AppState>> {
+    let (objects, spool) = open_objects(config, options.faults.as_ref())?;
     let uploads = uploads::Uploads::open(&spool)
         .with_context(|| format!("preparing upload spool directory {}", spool.display()))?;
     Ok(Arc::new(AppState {
@@ -158,20 +199,38 @@ pub fn open_state(config: &RegistryConfig) -> anyhow::Result<Arc<AppState>> {
         uploads,
         chunker: ChunkerParams::REGISTRY_DEFAULT,
         zstd_level: DEFAULT_ZSTD_LEVEL,
+        limiter: limits::Limiter::new(options.limits.clone()),
     }))
 }
 
-/// Serves `config` until `shutdown` completes.
+/// The router as a service that records each connection's peer address, which the
+/// per-client rate limit keys on.
+fn make_service(
+    state: Arc<AppState>,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, SocketAddr> {
+    router(state).into_make_service_with_connect_info::<SocketAddr>()
+}
+
+/// Serves `config` with default [`ServeOptions`] until `shutdown` completes.
 pub async fn serve(
     config: RegistryConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = open_state(&config)?;
+    serve_with(config, ServeOptions::default(), shutdown).await
+}
+
+/// Serves `config` with `options` until `shutdown` completes.
+pub async fn serve_with(
+    config: RegistryConfig,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = open_state_with(&config, &options)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, storage = %config.storage, "thaw-registry listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, make_service(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
@@ -183,8 +242,15 @@ pub struct RunningRegistry {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts a registry in the background and returns once it accepts connections.
+/// Starts a registry with default [`ServeOptions`] in the background and returns once it
+/// accepts connections.
 pub async fn spawn(config: RegistryConfig) -> anyhow::Result<RunningRegistry> {
+    spawn_with(config, ServeOptions::default()).await
+}
+
+/// Starts a registry with `options` in the background and returns once it accepts
+/// connections.
+pub async fn spawn_with(config: RegistryConfig, options: ServeOptions) -> anyhow::Result<RunningRegistry> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<SocketAddr>>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new().name("thaw-registry".into()).spawn(move || {
@@ -198,7 +264,7 @@ pub async fn spawn(config: RegistryConfig) -> anyhow::Result<RunningRegistry> {
         };
         runtime.block_on(async move {
             let started = async {
-                let state = open_state(&config)?;
+                let state = open_state_with(&config, &options)?;
                 let listener = tokio::net::TcpListener::bind(config.listen).await?;
                 Ok::<_, anyhow::Error>((state, listener))
             };
@@ -212,7 +278,9 @@ pub async fn spawn(config: RegistryConfig) -> anyhow::Result<RunningRegistry> {
                     let stop = async {
                         let _ = stop_rx.await;
                     };
-                    if let Err(e) = axum::serve(listener, router(state)).with_graceful_shutdown(stop).await {
+                    if let Err(e) =
+                        axum::serve(listener, make_service(state)).with_graceful_shutdown(stop).await
+                    {
                         tracing::error!(error = %e, "embedded registry stopped with an error");
                     }
                 }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use thaw_schema::{ErrorCode, Sha256Digest};
 
 use super::{content_length, header, AppState, Request};
 use crate::error::{ApiError, ApiResult};
 use crate::ingest;
 use crate::routes::parse_digest;
+use crate::storage::StoreError;
 
 pub(super) async fn get(
     state: &Arc<AppState>,
@@ -34,10 +35,22 @@ pub(super) async fn get(
         let recipe = state.store.get_recipe(&digest).await?.ok_or_else(|| {
             ApiError::new(ErrorCode::Unknown, format!("blob {digest} is linked in {name} but has no recipe"))
         })?;
-        let stream = ingest::read_range(state.store.clone(), Arc::new(recipe), start, end).inspect_err(
+        if recipe.size != size {
+            return Err(ApiError::from(StoreError::Corrupt {
+                key: format!("blob {digest} in {name}"),
+                why: format!("linked as {size} bytes, its recipe says {}", recipe.size),
+            }));
+        }
+        let mut stream = ingest::read_range(state.store.clone(), Arc::new(recipe), start, end);
+        // Every piece is verified before it is sent. The first one decides the status: when
+        // the first window of chunks is unreadable (corrupt or unreachable) the client gets
+        // an error body, not a 200 cut short; a later failure can only cut the body short
+        // (the Content-Length tells the client it did).
+        let first = stream.try_next().await?;
+        let rest = stream.inspect_err(
             move |e| tracing::error!(%digest, error = %e, "aborting blob response: stored data unreadable"),
         );
-        Body::from_stream(stream)
+        Body::from_stream(futures::stream::iter(first.map(Ok)).chain(rest))
     };
     let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
     let mut response = (status, body).into_response();

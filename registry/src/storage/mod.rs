@@ -6,6 +6,7 @@
 
 mod cache;
 mod chunks;
+pub(crate) mod faults;
 mod index;
 pub(crate) mod keys;
 pub(crate) mod metrics;

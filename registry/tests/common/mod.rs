@@ -123,7 +123,16 @@ impl TestRegistry {
         Self::start_on(true).await
     }
 
+    /// A registry on the `THAW_TEST_STORAGE` backend with `options` (limits, faults).
+    pub(crate) async fn start_with(options: thaw_registry::ServeOptions) -> Self {
+        Self::start_on_with(s3_mode(), options).await
+    }
+
     async fn start_on(s3: bool) -> Self {
+        Self::start_on_with(s3, thaw_registry::ServeOptions::default()).await
+    }
+
+    async fn start_on_with(s3: bool, options: thaw_registry::ServeOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("create storage dir");
@@ -140,7 +149,7 @@ impl TestRegistry {
             listen: "127.0.0.1:0".parse().expect("addr"),
             storage: storage_spec,
         };
-        let running = thaw_registry::spawn(cfg).await.expect("spawn in-process registry");
+        let running = thaw_registry::spawn_with(cfg, options).await.expect("spawn in-process registry");
         let base = running.url();
         let client = client();
         wait_ready(&client, &base).await;

@@ -1,0 +1,112 @@
+//! Request limits of a running registry (docs/API.md, "Limits"; docs/DECISIONS.md D15):
+//!
+//! - the per-client rate limit answers 429 `TOOMANYREQUESTS` with `Retry-After` to the
+//!   client that went past it, while another client (another loopback source address) is
+//!   served;
+//! - past the in-flight cap a request queues for a slot, and gets 503 `UNAVAILABLE` with
+//!   `Retry-After` when none frees up in time.
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::{Client, StatusCode};
+use thaw_registry::{Fault, Faults, Limits, Op, RateLimit, Rule, ServeOptions};
+
+/// A client whose connections leave from `source`.
+fn client_from(source: &str) -> Client {
+    Client::builder()
+        .no_proxy()
+        .local_address(source.parse::<IpAddr>().expect("source address"))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test]
+async fn a_client_past_its_rate_gets_429_and_others_are_served() {
+    // One request per 10 s after a burst of 5: the bucket cannot refill while the test runs.
+    let limits = Limits { rate: Some(RateLimit { per_second: 0.1, burst: 5.0 }), ..Limits::default() };
+    let r = TestRegistry::start_with(ServeOptions::default().with_limits(limits)).await;
+    // `start_with` polled `/v2/` from 127.0.0.1 until ready: use other sources.
+    let greedy = client_from("127.0.0.2");
+    let other = client_from("127.0.0.3");
+    let base = r.url("/v2/");
+    let mut refused = None;
+    for i in 0..20 {
+        let resp = greedy.get(&base).send().await.expect("GET /v2/");
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some((i, resp));
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::OK, "request {i} within the burst");
+    }
+    let (i, resp) = refused.expect("20 requests at once must go past a burst of 5");
+    assert_eq!(i, 5, "the burst is 5 requests");
+    let retry_after: u64 = header(resp.headers(), "retry-after")
+        .expect("429 carries Retry-After")
+        .parse()
+        .expect("Retry-After in whole seconds");
+    assert!((1..=10).contains(&retry_after), "Retry-After {retry_after}: one token takes at most 10 s");
+    expect_error(resp, 429, &["TOOMANYREQUESTS"], "past the rate").await;
+
+    // Any route is limited, not only the base.
+    let resp = greedy.get(r.url("/v2/some/repo/tags/list")).send().await.expect("GET tags");
+    expect_error(resp, 429, &["TOOMANYREQUESTS"], "tags past the rate").await;
+
+    for i in 0..5 {
+        let resp = other.get(&base).send().await.expect("GET /v2/ from another client");
+        assert_eq!(resp.status(), StatusCode::OK, "another client's request {i}");
+    }
+    r.shutdown().await;
+}
+
+#[tokio::test]
+async fn past_the_inflight_cap_requests_queue_then_get_503() {
+    // One slot; the request holding it stalls on its store read until released.
+    let start = |wait: Duration| async move {
+        let faults = Faults::new(1);
+        let limits = Limits { max_inflight: 1, inflight_wait: wait, rate: None };
+        let options = ServeOptions::default().with_limits(limits).with_faults(faults.clone());
+        let r = Arc::new(TestRegistry::start_with(options).await);
+        let blob = Rng::new(9).bytes(100_000);
+        let digest = r.push_blob("limits/held", &blob).await;
+        faults.add(Rule::on(Op::Get, Fault::Stall).under("repositories/limits/held/"));
+        let holder = tokio::spawn({
+            let (r, digest) = (r.clone(), digest.clone());
+            async move { r.get_blob_digest("limits/held", &digest).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while faults.stalled() == 0 {
+            assert!(Instant::now() < deadline, "the holding request never reached the store");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (r, faults, holder, (digest, blob.len() as u64))
+    };
+
+    // A short wait: the second request is refused with 503 and Retry-After.
+    let (r, faults, holder, expect) = start(Duration::from_millis(200)).await;
+    let resp = r.get("/v2/").await;
+    assert_eq!(header(resp.headers(), "retry-after").as_deref(), Some("1"), "503 carries Retry-After");
+    expect_error(resp, 503, &["UNAVAILABLE"], "a request past the in-flight cap").await;
+    faults.release_stalls();
+    assert_eq!(holder.await.expect("holder"), expect);
+    assert_eq!(r.get("/v2/").await.status(), StatusCode::OK, "the slot is free again");
+
+    // A long wait: the second request queues (still unanswered while the slot is held)
+    // and is served once the slot frees.
+    let (r, faults, holder, expect) = start(Duration::from_secs(60)).await;
+    let queued = tokio::spawn({
+        let r = r.clone();
+        async move { r.get("/v2/").await.status() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queued.is_finished(), "a request past the cap waits for a slot");
+    assert!(!holder.is_finished());
+    faults.release_stalls();
+    assert_eq!(holder.await.expect("holder"), expect);
+    assert_eq!(queued.await.expect("queued"), StatusCode::OK, "the queued request is served");
+}
