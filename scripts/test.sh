@@ -14,6 +14,8 @@
 #                         guests, made once into target/corpus-quick): thaw, oras-py +
 #                         docker-registry and whole-file S3 in one run, every restore checked
 #                         byte for byte; a smoke test, nothing timed is asserted
+#   8. deploy-check       deploy/check.sh: kubectl parses every manifest offline (no cluster
+#                         here), structural checks of what thaw relies on
 #
 # Exits non-zero at the first failing stage; prints how long each stage took either way.
 set -euo pipefail
@@ -120,8 +122,16 @@ begin bench-smoke "corpus --quick, then cargo run -p thaw-integration --bin benc
 # make-corpus.sh skips snapshots already built with the same settings, and installs the
 # Debian packages it needs (qemu-system-x86, a guest kernel, busybox) only when missing.
 bash integration/corpus/make-corpus.sh --quick </dev/null
-# The runner drives the thaw and thaw-registry binaries next to its own (target/debug),
-# which the test stage built.
-cargo build --locked -p thaw-registry -p thaw-client
-cargo run --locked -p thaw-integration --bin bench -- --quick </dev/null
+# The test stage built the runner and the thaw and thaw-registry binaries it drives (each
+# package with integration tests gets its binaries built), with the workspace's unified
+# features: run them as they are rather than rebuild with `cargo run -p`'s feature set.
+bin_dir=${CARGO_TARGET_DIR:-target}/debug
+for b in bench thaw thaw-registry; do
+  [[ -x $bin_dir/$b ]] || { echo "$bin_dir/$b is missing: the test stage should have built it" >&2; exit 1; }
+done
+"$bin_dir/bench" --quick </dev/null
+end
+
+begin deploy-check "deploy/check.sh: every manifest parsed by kubectl offline, structure checked"
+bash deploy/check.sh </dev/null
 end

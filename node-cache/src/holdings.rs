@@ -1,6 +1,6 @@
 //! Publishing what this node holds after each change, through a [`HoldingsPublisher`]: the
-//! registry's node directory here (the embedded default); the Kubernetes CRD publisher
-//! belongs to the Kubernetes issue.
+//! registry's node directory here (the embedded default, for running without a cluster);
+//! the node's `NodeSnapshotCache` status in `kube_publisher.rs` (`--holdings kube`).
 
 use std::sync::Arc;
 use std::time::Duration;

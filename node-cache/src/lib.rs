@@ -19,6 +19,7 @@ pub mod error;
 mod fsutil;
 pub mod holdings;
 mod index;
+pub mod kube_publisher;
 mod metrics;
 pub mod peer;
 

@@ -7,10 +7,20 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use thaw_client::{ClientOptions, Registry, Stats};
 use thaw_node_cache::holdings::{run_publisher, RegistryDirectory};
+use thaw_node_cache::kube_publisher::KubePublisher;
 use thaw_node_cache::{api, peer, Cache, CacheConfig, PeerOptions, PeerToken};
+
+/// Where holdings are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Holdings {
+    /// The registry's node directory (`PUT /v2/_thaw/nodes/<node>`).
+    Registry,
+    /// The node's `NodeSnapshotCache` status, by server-side apply.
+    Kube,
+}
 
 /// A bounded snapshot cache on a worker node: restores snapshots from the chunks it lacks.
 #[derive(Debug, Parser)]
@@ -37,9 +47,13 @@ struct Args {
     /// Seconds a tag's resolution is trusted before `ensure` asks the registry again.
     #[arg(long, env = "THAW_TAG_TTL", default_value_t = 60)]
     tag_ttl: u64,
-    /// Do not publish holdings to the registry's node directory.
+    /// Do not publish holdings anywhere (see --holdings).
     #[arg(long)]
     no_publish: bool,
+    /// Where holdings are published: the registry's node directory, or this node's
+    /// `NodeSnapshotCache` (in-cluster service account or $KUBECONFIG).
+    #[arg(long, env = "THAW_HOLDINGS", value_enum, default_value = "registry")]
+    holdings: Holdings,
     /// Serve chunks to other nodes on this address (`host:port`), apart from the local API.
     /// Needs a cluster token (`--peer-token-file`, `THAW_PEER_TOKEN`) or `--peer-insecure`.
     #[arg(long, env = "THAW_PEER_LISTEN")]
@@ -190,12 +204,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(cache.clone().run_flusher(Duration::from_millis(500)));
     tokio::spawn(cache.clone().run_spare_maker());
     if !args.no_publish {
-        let registry = Registry::new(&host, &client, Arc::new(Stats::new()))?;
-        tokio::spawn(run_publisher(
-            cache.clone(),
-            RegistryDirectory::new(registry),
-            Duration::from_millis(250),
-        ));
+        match args.holdings {
+            Holdings::Registry => {
+                let registry = Registry::new(&host, &client, Arc::new(Stats::new()))?;
+                tokio::spawn(run_publisher(
+                    cache.clone(),
+                    RegistryDirectory::new(registry),
+                    Duration::from_millis(250),
+                ));
+            }
+            Holdings::Kube => {
+                let kube = kube::Client::try_default().await.map_err(|e| {
+                    anyhow::anyhow!("--holdings kube: no Kubernetes client configuration ({e}); run in a pod or set KUBECONFIG")
+                })?;
+                tokio::spawn(run_publisher(
+                    cache.clone(),
+                    KubePublisher::new(kube, &args.node_name),
+                    Duration::from_millis(250),
+                ));
+            }
+        }
     }
     if let Some(listener) = peer_listener {
         tracing::info!(addr = %listener.local_addr()?, advertised = ?cache.config().peer_endpoint, "peer service listening");
