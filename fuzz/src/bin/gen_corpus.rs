@@ -1,0 +1,165 @@
+//! Writes the seed corpora under `fuzz/corpus/<target>/` with thaw's real encoders (and
+//! the examples of docs/FORMAT.md). Run from the repository root after `cargo fuzz build`:
+//! `fuzz/target/<triple>/release/gen_corpus [DIR]` (DIR defaults to `fuzz/corpus`).
+//! Seeds carry the mode byte each target reads first.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use thaw_schema::batch::BatchWriter;
+use thaw_schema::chunker::ChunkerParams;
+use thaw_schema::dto::{encode_chunk_id_query, encode_missing_answer};
+use thaw_schema::frame::EncodedChunk;
+use thaw_schema::manifest::{snapshot_manifest, SnapshotFile};
+use thaw_schema::media::{self, FileRole};
+use thaw_schema::recipe::RecipeBuilder;
+use thaw_schema::{ChunkId, Sha256Digest};
+
+fn put(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
+    let d = dir.join(target);
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join(name), bytes).unwrap();
+}
+
+fn with_mode(mode: u8, rest: &[u8]) -> Vec<u8> {
+    let mut v = vec![mode];
+    v.extend_from_slice(rest);
+    v
+}
+
+fn main() {
+    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into()));
+
+    // recipe_decode: mode 0 = whole recipe; mode 1 = body without its trailer.
+    let mut b = RecipeBuilder::new(ChunkerParams::fixed(4096));
+    b.push_data(4096, ChunkId::of(b"a"));
+    b.push_zero(4096);
+    b.push_data(100, ChunkId::of(b"b"));
+    let fixed = b.finish(Sha256Digest::of(b"blob")).encode();
+    let mut b = RecipeBuilder::new(ChunkerParams::REGISTRY_DEFAULT);
+    b.push_data(70_000, ChunkId::of(b"c"));
+    b.push_data(20_000, ChunkId::of(b"c"));
+    b.push_zero(16_384);
+    let cdc = b.finish(Sha256Digest::of(b"cdc")).encode();
+    let empty = RecipeBuilder::new(ChunkerParams::fixed(4096)).finish(Sha256Digest::of(b"")).encode();
+    for (name, r) in [("fixed", &fixed), ("fastcdc", &cdc), ("empty", &empty)] {
+        put(&dir, "recipe_decode", &format!("{name}-whole"), &with_mode(0, r));
+        put(&dir, "recipe_decode", &format!("{name}-body"), &with_mode(1, &r[..r.len() - 32]));
+    }
+
+    // chunk_batch: mode 0 = batch, mode 1 = frame.
+    let text = b"thaw thaw thaw thaw thaw thaw thaw thaw".repeat(20);
+    let noise: Vec<u8> = (0..300u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let z = EncodedChunk::compress(&text, 1);
+    let raw = EncodedChunk::compress(&noise, 1);
+    let mut w = BatchWriter::new();
+    w.push(&ChunkId::of(&text), &z);
+    w.push(&ChunkId::of(&noise), &raw);
+    put(&dir, "chunk_batch", "batch-two", &with_mode(0, &w.finish()));
+    put(&dir, "chunk_batch", "batch-empty", &with_mode(0, BatchWriter::new().finish().as_slice()));
+    put(&dir, "chunk_batch", "frame-zstd", &with_mode(1, &z.to_frame()));
+    put(&dir, "chunk_batch", "frame-raw", &with_mode(1, &raw.to_frame()));
+
+    // missing_query: mode 0 = query, 1 = answer, 2.. = flags.
+    let ids: Vec<ChunkId> = (0..3u64).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+    put(&dir, "missing_query", "query-3", &with_mode(0, &encode_chunk_id_query(&ids)));
+    put(&dir, "missing_query", "query-0", &with_mode(0, &encode_chunk_id_query(&[])));
+    let mut nine = vec![false; 9];
+    nine[1] = true;
+    nine[8] = true;
+    put(&dir, "missing_query", "answer-bitmap-format-md", &with_mode(1, &encode_missing_answer(&nine)));
+    let mut thousand = vec![false; 1000];
+    thousand[700] = true;
+    put(&dir, "missing_query", "answer-positions", &with_mode(1, &encode_missing_answer(&thousand)));
+    put(&dir, "missing_query", "answer-empty", &with_mode(1, &encode_missing_answer(&[])));
+    put(&dir, "missing_query", "flags", &[3, 0x81, 0x00, 0xff, 0x10]);
+
+    // manifest_parse: first byte = Content-Type index (0 none, 1 OCI manifest, 2 OCI index).
+    let files: Vec<SnapshotFile> = FileRole::ALL
+        .iter()
+        .map(|&role| SnapshotFile {
+            role,
+            title: format!("{role:?}").to_lowercase(),
+            digest: Sha256Digest::of(role.media_type().as_bytes()),
+            size: 4096,
+        })
+        .collect();
+    let m = snapshot_manifest(Sha256Digest::of(b"{}"), 2, &files, HashMap::new()).unwrap();
+    let body = serde_json::to_vec(&m).unwrap();
+    put(&dir, "manifest_parse", "snapshot", &with_mode(1, &body));
+    put(&dir, "manifest_parse", "snapshot-no-ct", &with_mode(0, &body));
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_INDEX,
+        "manifests": [{"mediaType": media::OCI_MANIFEST, "digest": Sha256Digest::of(&body).to_string(),
+                       "size": body.len()}],
+        "subject": {"mediaType": media::OCI_MANIFEST, "digest": Sha256Digest::of(b"s").to_string(), "size": 1},
+    });
+    put(&dir, "manifest_parse", "index", &with_mode(2, &serde_json::to_vec(&index).unwrap()));
+    let docker = serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "digest": Sha256Digest::of(b"c").to_string(), "size": 10},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "digest": Sha256Digest::of(b"l").to_string(), "size": 20,
+                    "annotations": {(media::ANNOTATION_TITLE): "../etc/passwd"}}],
+    });
+    put(&dir, "manifest_parse", "docker-unsafe-title", &with_mode(3, &serde_json::to_vec(&docker).unwrap()));
+
+    // repo_name: candidate names.
+    for (i, s) in [
+        "library/ubuntu",
+        "a.b_c__d---e/f0",
+        "functions/hello-world",
+        "a/../b",
+        "node-1.example",
+        "v1.0-rc_1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        put(&dir, "repo_name", &format!("name-{i}"), s.as_bytes());
+    }
+
+    // registry_routing: paths from docs/API.md.
+    let d = Sha256Digest::of(b"x");
+    for (i, p) in [
+        "/v2/".to_owned(),
+        "/v2/_catalog".to_owned(),
+        "/v2/_oci/ext/discover".to_owned(),
+        "/v2/_thaw/nodes/node-1.example".to_owned(),
+        "/v2/a/b/manifests/latest".to_owned(),
+        format!("/v2/fn/hello/blobs/{d}"),
+        "/v2/fn/blobs/uploads/".to_owned(),
+        "/v2/fn/blobs/uploads/0123abcd".to_owned(),
+        "/v2/a/b/c/tags/list".to_owned(),
+        format!("/v2/fn/referrers/{d}"),
+        "/v2/fn/_thaw/chunks/missing".to_owned(),
+        "/v2/fn/_thaw/chunks".to_owned(),
+        "/v2/fn/_thaw/chunks/fetch".to_owned(),
+        format!("/v2/fn/_thaw/blobs/{d}"),
+        format!("/v2/fn/_thaw/blobs/sha256%3A{}/recipe", d.hex()),
+        "/v2/a/%2e%2e/manifests/x".to_owned(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        put(&dir, "registry_routing", &format!("path-{i:02}"), p.as_bytes());
+    }
+
+    // extender_request: ExtenderArgs as kube-scheduler sends them.
+    let annotated = serde_json::json!({
+        "Pod": {"metadata": {"name": "p", "namespace": "ns",
+                "annotations": {"thaw.dev/snapshot": format!("reg.local:5000/fn/hello:v1@{d}")}}},
+        "NodeNames": ["node-a", "node-b"],
+    });
+    let knative = serde_json::json!({
+        "pod": {"metadata": {"namespace": "team-a", "labels": {
+            "serving.knative.dev/revision": "hello-00003", "serving.knative.dev/service": "hello"}}},
+        "nodes": {"items": [{"metadata": {"name": "node-a"}}, {"metadata": {"name": "node-b"}}]},
+    });
+    put(&dir, "extender_request", "annotated", &serde_json::to_vec(&annotated).unwrap());
+    put(&dir, "extender_request", "knative-nodes", &serde_json::to_vec(&knative).unwrap());
+    put(&dir, "extender_request", "empty", b"{}");
+}
