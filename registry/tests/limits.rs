@@ -110,3 +110,31 @@ async fn past_the_inflight_cap_requests_queue_then_get_503() {
     assert_eq!(holder.await.expect("holder"), expect);
     assert_eq!(queued.await.expect("queued"), StatusCode::OK, "the queued request is served");
 }
+
+#[tokio::test]
+async fn every_buffered_body_has_a_limit() {
+    // Each request body the registry reads into memory, declared one byte past its limit:
+    // refused with 413 `SIZE_INVALID` from the headers alone. (Blob uploads are not here:
+    // they stream to the spool file on disk.)
+    let r = TestRegistry::start().await;
+    let digest = sha256_digest(b"x");
+    let cases = [
+        ("PUT", "/v2/lim/manifests/v1".to_owned(), MANIFEST_V1, 4 << 20),
+        ("POST", "/v2/lim/_thaw/chunks".to_owned(), CHUNKS_TYPE, 64 << 20),
+        ("POST", "/v2/lim/_thaw/chunks/missing".to_owned(), "application/json", 8 << 20),
+        ("POST", "/v2/lim/_thaw/chunks/missing".to_owned(), "application/vnd.thaw.chunk-ids.v1", 8 << 20),
+        ("POST", "/v2/lim/_thaw/chunks/fetch".to_owned(), "application/json", 8 << 20),
+        ("PUT", format!("/v2/lim/_thaw/blobs/{digest}"), RECIPE_TYPE, 64 << 20),
+        ("PUT", "/v2/_thaw/nodes/node-a".to_owned(), "application/json", 1 << 20),
+    ];
+    for (method, path, content_type, limit) in cases {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            limit + 1
+        );
+        let (status, text) = raw_http_early(r.addr(), &head, &[]).await.expect("an answer");
+        assert_eq!(status, 413, "{method} {path} ({content_type}) declaring {limit} + 1 bytes: {text}");
+        assert!(text.contains("SIZE_INVALID"), "{method} {path}: {text}");
+    }
+    r.shutdown().await;
+}
