@@ -233,3 +233,50 @@ async fn a_stalled_read_in_one_repository_does_not_block_another() {
     let got = tokio::time::timeout(Duration::from_secs(60), stalled).await.expect("released").expect("task");
     assert_eq!(got, (slow_digest, slow.len() as u64));
 }
+
+#[tokio::test]
+async fn random_store_failures_never_make_a_wrong_blob_visible() {
+    // A seeded storm: 15 % of all store calls fail and 10 % of the ranged reads that get
+    // through are corrupted, while blobs are pushed and read back.
+    let faults = Faults::new(0xC4A05);
+    let r = start(&faults).await;
+    let name = "faults/storm";
+    faults.add(Rule::any(Fault::Fail).with_probability(0.15));
+    faults.add(Rule::on(Op::GetRange, Fault::Corrupt).with_probability(0.10));
+    let (mut pushed, mut failed) = (Vec::new(), Vec::new());
+    for i in 0..24u64 {
+        let data = Rng::new(1000 + i).bytes(100_000 + i as usize * 37_000);
+        let digest = sha256_digest(&data);
+        let resp = try_push_blob(&r, name, &data).await;
+        match resp.status().as_u16() {
+            201 => pushed.push((digest, data)),
+            _ => {
+                expect_error(resp, 503, &["UNAVAILABLE"], &format!("push {i} in the storm")).await;
+                failed.push(digest);
+            }
+        }
+        for (digest, data) in &pushed {
+            let (status, got, broke) = read_what_arrives(&r, name, digest).await;
+            let what = format!("GET {digest} in the storm: {status}, {} bytes, broke {broke}", got.len());
+            match status {
+                StatusCode::OK => {
+                    assert!(got == data[..got.len().min(data.len())], "{what}: bytes not the blob's");
+                    assert!(got.len() == data.len() || broke, "{what}: cut short without an error");
+                }
+                s => assert!(s.is_server_error(), "{what}"),
+            }
+        }
+    }
+    let injected = faults.injected();
+    faults.clear();
+    eprintln!("storm: {injected} faults injected, {} pushes stored, {} refused", pushed.len(), failed.len());
+    assert!(injected > 10, "the storm injected {injected} faults");
+    assert!(!pushed.is_empty() && !failed.is_empty(), "{} pushed, {} failed", pushed.len(), failed.len());
+    for (digest, data) in &pushed {
+        assert_eq!(&r.get_blob(name, digest).await, data, "{digest} after the storm");
+    }
+    for digest in &failed {
+        assert_blob_absent(&r, name, digest, "a push answered 503").await;
+    }
+    r.shutdown().await;
+}

@@ -138,3 +138,30 @@ async fn every_buffered_body_has_a_limit() {
     }
     r.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_binary_takes_its_limits_from_the_environment() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let storage = dir.path().join("storage");
+    let log = dir.path().join("registry.log");
+    let env = [("THAW_RATE_LIMIT", "0.1".to_owned()), ("THAW_RATE_BURST", "2".to_owned())];
+    let registry = BinRegistry::start_with(storage.as_os_str(), &log, &env).await;
+    let c = client_from("127.0.0.2");
+    let base = format!("{}/v2/", registry.base);
+    for i in 0..2 {
+        assert_eq!(c.get(&base).send().await.expect("GET").status(), StatusCode::OK, "request {i}");
+    }
+    let resp = c.get(&base).send().await.expect("GET");
+    expect_error(resp, 429, &["TOOMANYREQUESTS"], "the binary's rate limit").await;
+    drop(registry);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thaw-registry"))
+        .args(["--listen", "127.0.0.1:0", "--storage"])
+        .arg(&storage)
+        .env("THAW_MAX_INFLIGHT", "0")
+        .output()
+        .expect("run thaw-registry");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "THAW_MAX_INFLIGHT=0 must be refused: {stderr}");
+    assert!(stderr.contains("THAW_MAX_INFLIGHT"), "the error names the variable: {stderr}");
+}
