@@ -55,7 +55,7 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 bin_dir="$target_dir/$triple/release"
 
 build_start=$(date +%s)
-echo "== building ${#targets[@]} targets (sanitizer: $sanitizer)"
+echo "== building all fuzz targets (sanitizer: $sanitizer)"
 cargo fuzz build "${flags[@]}"
 echo "== built in $(( $(date +%s) - build_start )) s"
 
