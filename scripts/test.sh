@@ -16,6 +16,8 @@
 #                         byte for byte; a smoke test, nothing timed is asserted
 #   8. deploy-check       deploy/check.sh: kubectl parses every manifest offline (no cluster
 #                         here), structural checks of what thaw relies on
+#   9. fuzz-smoke         scripts/fuzz.sh 10: every cargo-fuzz target (fuzz/) replays its saved
+#                         crashes, then fuzzes 10 s from its seeds; any crash fails the run
 #
 # Exits non-zero at the first failing stage; prints how long each stage took either way.
 set -euo pipefail
@@ -134,4 +136,8 @@ end
 
 begin deploy-check "deploy/check.sh: every manifest parsed by kubectl offline, structure checked"
 bash deploy/check.sh </dev/null
+end
+
+begin fuzz-smoke "scripts/fuzz.sh 10: every fuzz target for 10 s (cargo-fuzz installed if missing)"
+bash scripts/fuzz.sh 10 </dev/null
 end
