@@ -77,12 +77,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let (host, plain_http) = match args.registry.split_once("://") {
-        Some(("http", rest)) => (rest.trim_end_matches('/').to_owned(), true),
-        Some(("https", rest)) => (rest.trim_end_matches('/').to_owned(), false),
-        Some((scheme, _)) => anyhow::bail!("--registry {}: unknown scheme {scheme:?}", args.registry),
-        None => (args.registry.clone(), args.plain_http),
-    };
+    let (host, plain_http) = thaw_client::parse_registry_url(&args.registry, args.plain_http)?;
     if args.herd_penalty < 0 || args.herd_max_penalty < 0 {
         anyhow::bail!("--herd-penalty and --herd-max-penalty must not be negative");
     }

@@ -44,7 +44,7 @@ pub use inspect::{inspect, InspectReport, InspectedFile, RecipeSummary};
 pub use local::ChunkCache;
 pub use pull::{pull, PullOptions, PullReport, PulledFile};
 pub use push::{push, push_dir, PushOptions, PushReport, PushedFile};
-pub use reference::Reference;
+pub use reference::{parse_registry_url, Reference};
 pub use registry::{ClientOptions, FetchedManifest, Registry};
 pub use stats::{Stats, StatsSnapshot};
 pub use transport::RetryPolicy;

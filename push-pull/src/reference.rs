@@ -128,6 +128,26 @@ fn looks_like_host(first: &str) -> bool {
     first.contains('.') || first.contains(':') || first == "localhost" || first.starts_with('[')
 }
 
+/// A registry given on a daemon's command line: `http://host:port` (plain HTTP),
+/// `https://host` or a bare `host[:port]` (plain HTTP only if `plain_http`). Answers the
+/// `host[:port]` and whether to speak plain HTTP.
+pub fn parse_registry_url(input: &str, plain_http: bool) -> Result<(String, bool), Error> {
+    let (host, plain) = match input.split_once("://") {
+        Some(("http", rest)) => (rest.trim_end_matches('/'), true),
+        Some(("https", rest)) => (rest.trim_end_matches('/'), false),
+        Some((scheme, _)) => {
+            return Err(Error::Usage(format!(
+                "registry {input:?}: unknown scheme {scheme:?} (use http:// or https://)"
+            )))
+        }
+        None => (input, plain_http),
+    };
+    if !is_valid_host(host) {
+        return Err(Error::Usage(format!("registry {input:?}: {host:?} is not a host[:port]")));
+    }
+    Ok((host.to_owned(), plain))
+}
+
 /// `host[:port]` where host is a DNS name, an IPv4 address or a bracketed IPv6 address.
 pub(crate) fn is_valid_host(s: &str) -> bool {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
@@ -162,6 +182,22 @@ pub(crate) fn is_valid_host(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_urls_on_command_lines() {
+        assert_eq!(
+            parse_registry_url("http://127.0.0.1:5000/", false).unwrap(),
+            ("127.0.0.1:5000".into(), true)
+        );
+        assert_eq!(
+            parse_registry_url("https://registry.example", true).unwrap(),
+            ("registry.example".into(), false)
+        );
+        assert_eq!(parse_registry_url("localhost:5000", true).unwrap(), ("localhost:5000".into(), true));
+        assert!(parse_registry_url("ftp://x", false).is_err());
+        assert!(parse_registry_url("http://", false).is_err());
+        assert!(parse_registry_url("http://a/b", false).is_err());
+    }
 
     const D: &str = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
 
