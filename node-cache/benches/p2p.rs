@@ -32,40 +32,6 @@ use thaw_client::{PushOptions, Reference};
 
 const TOKEN: &str = "bench-cluster-token-0123456789";
 
-/// A TCP proxy to `upstream` counting the bytes upstream sends back.
-async fn counting_proxy(upstream: String, sent: Arc<AtomicU64>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((down, _)) = listener.accept().await {
-            let (upstream, sent) = (upstream.clone(), sent.clone());
-            tokio::spawn(async move {
-                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                let (mut down_r, mut down_w) = down.into_split();
-                let (mut up_r, mut up_w) = up.into_split();
-                let requests = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut down_r, &mut up_w).await;
-                });
-                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    match up_r.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            sent.fetch_add(n as u64, Ordering::Relaxed);
-                            if down_w.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                requests.abort();
-            });
-        }
-    });
-    addr
-}
-
 fn snapshot_dir() -> (PathBuf, String, Option<tempfile::TempDir>) {
     let root = std::env::var_os("THAW_BENCH_CORPUS")
         .map(PathBuf::from)
@@ -175,7 +141,7 @@ async fn main() {
     let (dir, source, _keep) = snapshot_dir();
     let registry = ThawRegistry::start().await;
     let sent = SENT.get_or_init(Arc::default).clone();
-    let host = counting_proxy(registry.host(), sent.clone()).await;
+    let host = support::proxy(registry.host(), sent.clone(), Duration::ZERO).await;
     let reference = Reference::parse(&format!("{host}/fn/json:v1")).unwrap();
     let client = support::common::client_for(&reference);
     thaw_client::push_dir(&client, &reference, &dir, &PushOptions::default()).await.expect("push");

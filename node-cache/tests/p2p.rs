@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -352,42 +352,6 @@ async fn lying_truncating_and_stalling_peers_cost_time_not_correctness() {
     assert_eq!(after, asked, "a bad peer was asked again within its penalty");
 }
 
-/// A TCP proxy to `upstream` that sends answers on slowly (64 KiB every 10 ms) and counts the
-/// bytes it passed back, so a test can kill the upstream in the middle of a transfer.
-async fn slow_proxy(upstream: String, passed: Arc<AtomicUsize>) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((down, _)) = listener.accept().await {
-            let (upstream, passed) = (upstream.clone(), passed.clone());
-            tokio::spawn(async move {
-                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                let (mut down_r, mut down_w) = down.into_split();
-                let (mut up_r, mut up_w) = up.into_split();
-                let requests = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut down_r, &mut up_w).await;
-                });
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match up_r.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if down_w.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                            passed.fetch_add(n, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    }
-                }
-                requests.abort();
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_dies_mid_transfer_costs_time_not_correctness() {
     let registry = ThawRegistry::start().await;
@@ -399,8 +363,10 @@ async fn a_peer_that_dies_mid_transfer_costs_time_not_correctness() {
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // Node A advertises the proxy in front of its peer service.
     let peer_port = support::free_port();
-    let passed = Arc::new(AtomicUsize::new(0));
-    let proxy = slow_proxy(format!("127.0.0.1:{peer_port}"), passed.clone()).await;
+    // Answers pass slowly (64 KiB every 10 ms), so A can be killed mid-transfer.
+    let passed = Arc::new(AtomicU64::new(0));
+    let proxy =
+        support::proxy(format!("127.0.0.1:{peer_port}"), passed.clone(), Duration::from_millis(10)).await;
     let listen = format!("127.0.0.1:{peer_port}");
     let a_args = ["--peer-token-file", &token, "--peer-listen", &listen, "--peer-advertise", &proxy];
     let mut a = NodeCache::start_with(&host, dirs.0.path(), 1 << 30, "node-a", &a_args).await;

@@ -306,3 +306,47 @@ pub fn new_chunk_bytes(old: &[thaw_schema::Recipe], new: &[thaw_schema::Recipe])
     }
     total
 }
+
+/// A TCP proxy on a free loopback port to `upstream`, adding to `passed` every byte it
+/// passes back from upstream, and pausing `pace` after each piece of at most 64 KiB (zero:
+/// full speed). Benchmarks count a server's egress with it; tests slow a transfer down
+/// enough to kill the upstream in the middle. Answers the proxy's `host:port`.
+pub async fn proxy(
+    upstream: String,
+    passed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pace: Duration,
+) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            let (upstream, passed) = (upstream.clone(), passed.clone());
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                let (mut down_r, mut down_w) = down.into_split();
+                let (mut up_r, mut up_w) = up.into_split();
+                let requests = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut down_r, &mut up_w).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match up_r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if down_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            passed.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                            if !pace.is_zero() {
+                                tokio::time::sleep(pace).await;
+                            }
+                        }
+                    }
+                }
+                requests.abort();
+            });
+        }
+    });
+    addr
+}
