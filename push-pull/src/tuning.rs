@@ -5,8 +5,10 @@
 use thaw_schema::media::FileRole;
 use thaw_schema::ChunkerParams;
 
-/// zstd level for chunks the client compresses.
-pub const ZSTD_LEVEL: i32 = 3;
+/// zstd level for chunks the client compresses. Level 1 over 3 on real guest memory: 3%
+/// more compressed bytes, 17% less CPU per byte, which is what brings ingest past
+/// 400 MiB/s per core (D20).
+pub const ZSTD_LEVEL: i32 = 1;
 
 /// The chunker for a file of the given role (`None`: a blob of unknown role, e.g. one copied
 /// from a foreign artifact). Memory and disk are page-structured: page-aligned fixed chunks.
