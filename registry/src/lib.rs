@@ -6,12 +6,14 @@
 //! depend on other thaw services: they talk to it over HTTP with DTOs from `thaw-schema`.
 #![warn(missing_docs)]
 
+pub mod auth;
 mod error;
 mod handlers;
 mod ingest;
 mod limits;
 pub mod routes;
 mod storage;
+pub mod tls;
 mod uploads;
 
 use std::net::SocketAddr;
@@ -32,7 +34,10 @@ pub use handlers::{router, AppState};
 pub use limits::{Limits, RateLimit, DEFAULT_INFLIGHT_WAIT, DEFAULT_MAX_INFLIGHT};
 pub use storage::faults::{Fault, Faults, Faulty, Op, Rule, RuleId};
 pub use storage::metrics::{process_storage_metrics, Counted, StorageCounts, StorageMetrics};
-pub use storage::{ChunkWriter, Store, StoreError, DEFAULT_PACK_TARGET};
+pub use storage::{
+    ChunkWriter, GcOptions, GcReport, Store, StoreError, DEFAULT_GRACE, DEFAULT_PACK_TARGET,
+    DEFAULT_REWRITE_BELOW,
+};
 
 /// Default zstd level for chunks the registry compresses itself (see docs/DECISIONS.md).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -63,6 +68,14 @@ pub struct ServeOptions {
     /// When set, the object store is wrapped in [`Faulty`] driven by these rules (inside
     /// the request counter, so injected calls are still counted).
     pub faults: Option<Arc<Faults>>,
+    /// Serve HTTPS with these files (reloaded when they change) instead of plain HTTP.
+    pub tls: Option<tls::TlsFiles>,
+    /// Run garbage collection this often inside the registry (off when `None`).
+    pub gc_interval: Option<Duration>,
+    /// How those runs collect.
+    pub gc: GcOptions,
+    /// Authentication and authorization; `None` serves everyone (the default).
+    pub auth: Option<Arc<auth::Auth>>,
 }
 
 impl ServeOptions {
@@ -74,6 +87,11 @@ impl ServeOptions {
     /// The same options injecting `faults` into the object store.
     pub fn with_faults(mut self, faults: Arc<Faults>) -> Self {
         self.faults = Some(faults);
+        self
+    }
+    /// The same options serving HTTPS from `files`.
+    pub fn with_tls(mut self, files: tls::TlsFiles) -> Self {
+        self.tls = Some(files);
         self
     }
 }
@@ -194,21 +212,67 @@ pub fn open_state_with(config: &RegistryConfig, options: &ServeOptions) -> anyho
     let (objects, spool) = open_objects(config, options.faults.as_ref())?;
     let uploads = uploads::Uploads::open(&spool)
         .with_context(|| format!("preparing upload spool directory {}", spool.display()))?;
-    Ok(Arc::new(AppState {
+    let state = Arc::new(AppState {
         store: Arc::new(Store::new(objects)),
         uploads,
         chunker: ChunkerParams::REGISTRY_DEFAULT,
         zstd_level: DEFAULT_ZSTD_LEVEL,
         limiter: limits::Limiter::new(options.limits.clone()),
-    }))
+    });
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        start_gc_tasks(&runtime, &state, options);
+    }
+    Ok(state)
+}
+
+/// Keeps this registry's serving lease (which makes a standalone `thaw-registry gc`
+/// refuse to run) and, with `gc_interval`, collects garbage periodically.
+fn start_gc_tasks(runtime: &tokio::runtime::Handle, state: &Arc<AppState>, options: &ServeOptions) {
+    let lease = hex::encode(rand::random::<[u8; 8]>());
+    runtime.spawn(state.store.clone().keep_lease(lease.clone()));
+    let Some(interval) = options.gc_interval else { return };
+    let (state, gc) = (Arc::downgrade(state), options.gc.clone());
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(state) = state.upgrade() else { return };
+            if let Err(e) = state.store.refuse_if_others_serve(Some(&lease)).await {
+                tracing::warn!(error = %e, "gc run skipped");
+                continue;
+            }
+            let expire = |age| state.uploads.expire(age);
+            if let Err(e) = state.store.collect_garbage(&gc, Some(&expire)).await {
+                tracing::error!(error = %e, "gc run failed");
+            }
+        }
+    });
+}
+
+/// One standalone GC run over `storage` (`thaw-registry gc`): refused while a registry
+/// serves the same storage (its lease is fresh).
+pub async fn collect_garbage(storage: &str, options: &GcOptions) -> anyhow::Result<GcReport> {
+    let config = RegistryConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), storage);
+    let (objects, _spool) = open_objects(&config, None)?;
+    let store = Arc::new(Store::new(objects));
+    store.refuse_if_others_serve(None).await?;
+    Ok(store.collect_garbage(options, None).await?)
 }
 
 /// The router as a service that records each connection's peer address, which the
 /// per-client rate limit keys on.
 fn make_service(
     state: Arc<AppState>,
+    auth: Option<Arc<auth::Auth>>,
 ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, SocketAddr> {
-    router(state).into_make_service_with_connect_info::<SocketAddr>()
+    router_with_auth(state, auth).into_make_service_with_connect_info::<SocketAddr>()
+}
+
+/// The router behind the auth middleware when `auth` is set (see [`auth`]).
+pub fn router_with_auth(state: Arc<AppState>, auth: Option<Arc<auth::Auth>>) -> axum::Router {
+    match auth {
+        None => router(state),
+        Some(auth) => router(state).layer(axum::middleware::from_fn_with_state(auth, auth::authorize)),
+    }
 }
 
 /// Serves `config` with default [`ServeOptions`] until `shutdown` completes.
@@ -226,11 +290,31 @@ pub async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = open_state_with(&config, &options)?;
+    let tls = options.tls.clone().map(tls::ReloadingConfig::load).transpose().context("loading TLS files")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, storage = %config.storage, "thaw-registry listening");
-    axum::serve(listener, make_service(state)).with_graceful_shutdown(shutdown).await?;
+    tracing::info!(addr = %listener.local_addr()?, storage = %config.storage, tls = tls.is_some(), "thaw-registry listening");
+    serve_on(listener, state, options.auth.clone(), tls, shutdown).await
+}
+
+/// Serves plain HTTP, or TLS when `tls` is set, on `listener` until `shutdown`.
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    auth: Option<Arc<auth::Auth>>,
+    tls: Option<tls::ReloadingConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    match tls {
+        None => axum::serve(listener, make_service(state, auth)).with_graceful_shutdown(shutdown).await?,
+        Some(config) => {
+            use axum::serve::ListenerExt as _;
+            // `tap_io` is how axum hands a custom listener's peer address to `ConnectInfo`.
+            let listener = tls::TlsListener::new(listener, config)?.tap_io(|_| {});
+            axum::serve(listener, make_service(state, auth)).with_graceful_shutdown(shutdown).await?
+        }
+    }
     Ok(())
 }
 
@@ -265,22 +349,21 @@ pub async fn spawn_with(config: RegistryConfig, options: ServeOptions) -> anyhow
         runtime.block_on(async move {
             let started = async {
                 let state = open_state_with(&config, &options)?;
+                let tls = options.tls.clone().map(tls::ReloadingConfig::load).transpose()?;
                 let listener = tokio::net::TcpListener::bind(config.listen).await?;
-                Ok::<_, anyhow::Error>((state, listener))
+                Ok::<_, anyhow::Error>((state, tls, listener))
             };
             match started.await {
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                 }
-                Ok((state, listener)) => {
+                Ok((state, tls, listener)) => {
                     let addr = listener.local_addr().expect("bound listener has an address");
                     let _ = ready_tx.send(Ok(addr));
                     let stop = async {
                         let _ = stop_rx.await;
                     };
-                    if let Err(e) =
-                        axum::serve(listener, make_service(state)).with_graceful_shutdown(stop).await
-                    {
+                    if let Err(e) = serve_on(listener, state, options.auth.clone(), tls, stop).await {
                         tracing::error!(error = %e, "embedded registry stopped with an error");
                     }
                 }

@@ -1,6 +1,7 @@
 //! `thaw-registry`: configuration, logging and signals; the work is in the library.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
 use thaw_registry::{Limits, RateLimit, RegistryConfig, ServeOptions};
@@ -30,6 +31,78 @@ struct Args {
     /// worth, at least 1).
     #[arg(long, env = "THAW_RATE_BURST")]
     rate_burst: Option<f64>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key); re-read when it
+    /// changes and on SIGHUP.
+    #[arg(long, env = "THAW_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "THAW_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Collect garbage inside the registry this often (e.g. 6h); off by default.
+    #[arg(long, env = "THAW_GC_INTERVAL", value_parser = parse_duration)]
+    gc_interval: Option<Duration>,
+    /// Grace period of those runs: content younger than this is kept.
+    #[arg(long, env = "THAW_GC_GRACE", value_parser = parse_duration, default_value = "1h")]
+    gc_grace: Duration,
+    /// Upload sessions untouched this long are expired by those runs.
+    #[arg(long, env = "THAW_UPLOAD_MAX_AGE", value_parser = parse_duration, default_value = "24h")]
+    upload_max_age: Duration,
+    /// Turn authentication on: a JSON file naming the htpasswd file, grants and token key
+    /// (docs/OPERATIONS.md). Without it the registry serves everyone.
+    #[arg(long, env = "THAW_AUTH_CONFIG", value_name = "FILE")]
+    auth_config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Delete what no tag, manifest or blob link reaches, once older than --grace, and
+    /// rewrite packs that became mostly garbage. Refused while a registry serves the storage.
+    Gc {
+        /// Storage: a directory path, or s3://BUCKET/PREFIX.
+        #[arg(long, env = "THAW_STORAGE", default_value = "./thaw-data")]
+        storage: String,
+        /// Content younger than this is kept (e.g. 90s, 30m, 1h).
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        grace: Duration,
+        /// Print what would go; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rewrite packs whose live fraction is below this.
+        #[arg(long, default_value_t = thaw_registry::DEFAULT_REWRITE_BELOW)]
+        rewrite_below: f64,
+    },
+}
+
+/// `500ms`, `90s`, `30m`, `6h`, `1d`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 90s, 30m or 1h"))?;
+    let millis = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(millis)))
+}
+
+async fn run_gc(storage: &str, options: thaw_registry::GcOptions) -> std::process::ExitCode {
+    match thaw_registry::collect_garbage(storage, &options).await {
+        Ok(report) => {
+            println!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("thaw-registry gc: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 impl Args {
@@ -61,6 +134,15 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(Command::Gc { storage, grace, dry_run, rewrite_below }) = &args.command {
+        let options = thaw_registry::GcOptions {
+            grace: *grace,
+            dry_run: *dry_run,
+            rewrite_below: *rewrite_below,
+            ..Default::default()
+        };
+        return run_gc(storage, options).await;
+    }
     let limits = match args.limits() {
         Ok(l) => l,
         Err(e) => {
@@ -69,7 +151,22 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let config = RegistryConfig::new(args.listen, args.storage);
-    let options = ServeOptions::default().with_limits(limits);
+    let mut options = ServeOptions::default().with_limits(limits);
+    options.gc_interval = args.gc_interval;
+    options.gc.grace = args.gc_grace;
+    options.gc.upload_max_age = args.upload_max_age;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        options = options.with_tls(thaw_registry::tls::TlsFiles::new(cert, key));
+    }
+    if let Some(path) = &args.auth_config {
+        match thaw_registry::auth::Auth::load(path) {
+            Ok(auth) => options.auth = Some(std::sync::Arc::new(auth.with_tls(options.tls.is_some()))),
+            Err(e) => {
+                eprintln!("thaw-registry: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     match thaw_registry::serve_with(config, options, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

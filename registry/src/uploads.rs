@@ -25,6 +25,8 @@ pub(crate) struct Session {
     /// Bytes received so far.
     pub(crate) size: u64,
     hasher: Sha256Hasher,
+    /// When a request last touched the session (GC expires old ones).
+    touched: std::time::Instant,
 }
 
 impl Session {
@@ -47,6 +49,7 @@ impl Session {
                 self.file.insert(tokio::io::BufWriter::with_capacity(1 << 20, f))
             }
         };
+        self.touched = std::time::Instant::now();
         let mut written = 0u64;
         while let Some(piece) = body.next().await {
             let piece = piece.map_err(|e| {
@@ -103,7 +106,13 @@ impl Uploads {
     /// Opens a session in `repo` and returns its id.
     pub(crate) fn create(&self, repo: &str) -> String {
         let id = hex::encode(rand::random::<[u8; 16]>());
-        let session = Session { path: self.dir.join(&id), file: None, size: 0, hasher: Sha256Hasher::new() };
+        let session = Session {
+            path: self.dir.join(&id),
+            file: None,
+            size: 0,
+            hasher: Sha256Hasher::new(),
+            touched: std::time::Instant::now(),
+        };
         let entry = (repo.to_owned(), Arc::new(tokio::sync::Mutex::new(session)));
         self.sessions.lock().expect("lock").insert(id.clone(), entry);
         id
@@ -119,6 +128,25 @@ impl Uploads {
                 format!("no upload session {id:?} in {repo}"),
             )),
         }
+    }
+
+    /// Ends sessions no request touched for `max_age` (busy ones are skipped), deleting
+    /// their spool files; returns how many.
+    pub(crate) fn expire(&self, max_age: std::time::Duration) -> u64 {
+        let mut sessions = self.sessions.lock().expect("lock");
+        let stale: Vec<String> = sessions
+            .iter()
+            .filter(|(_, (_, s))| s.try_lock().is_ok_and(|s| s.touched.elapsed() >= max_age))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &stale {
+            if let Some((_, session)) = sessions.remove(id) {
+                if let Ok(s) = session.try_lock() {
+                    let _ = std::fs::remove_file(&s.path);
+                }
+            }
+        }
+        stale.len() as u64
     }
 
     /// Ends a session and deletes its spool file.

@@ -51,6 +51,15 @@ impl<K: Hash + Eq + Clone, V> Cache<K, V> {
         inner.order.push_back(key.clone());
         inner.map.insert(key, (value, bytes));
     }
+
+    /// Forgets `key` (GC deleted what it stood for).
+    pub(crate) fn remove(&self, key: &K) {
+        let mut inner = self.inner.lock().expect("cache lock");
+        if let Some((_, b)) = inner.map.remove(key) {
+            inner.bytes -= b;
+            inner.order.retain(|k| k != key);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -270,8 +270,28 @@ impl Store {
         futures::stream::once(setup).try_flatten().boxed()
     }
 
+    /// Fetches a window; when a pack was deleted under it (GC rewrote it since the reader
+    /// located its chunks), locates the chunks again and fetches once more.
     #[allow(clippy::type_complexity)]
     async fn fetch_window(
+        &self,
+        wanted: Vec<(ChunkId, PackId, Range<u64>)>,
+        decode: bool,
+    ) -> Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>> {
+        let ids: Vec<ChunkId> = wanted.iter().map(|(id, _, _)| *id).collect();
+        match self.fetch_window_once(wanted, decode).await {
+            Err(StoreError::Backend(object_store::Error::NotFound { .. })) => {
+                let located = self.locate_all(&ids).await?;
+                let wanted =
+                    ids.into_iter().zip(located).map(|(id, (pack, loc))| (id, pack, loc.range())).collect();
+                self.fetch_window_once(wanted, decode).await
+            }
+            other => other,
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn fetch_window_once(
         &self,
         wanted: Vec<(ChunkId, PackId, Range<u64>)>,
         decode: bool,

@@ -100,6 +100,23 @@ impl ChunkIndex {
         }
     }
 
+    /// Forgets a chunk (GC is about to delete it): until a new pack stores it again, it is
+    /// absent, so writers store it anew and recipe commits that need it are refused.
+    pub(crate) fn remove(&mut self, id: &ChunkId) {
+        self.chunks.remove(id);
+    }
+
+    /// Points the chunks of `entries` at `pack` (GC's rewritten copy of an older pack),
+    /// wherever they were located before.
+    pub(crate) fn relocate(&mut self, pack: PackId, entries: &[IndexEntry]) {
+        self.seen.insert(pack.clone());
+        let number = u32::try_from(self.packs.len()).expect("fewer than 2^32 packs");
+        self.packs.push(pack);
+        for e in entries {
+            self.chunks.insert(e.id, Location { pack: number, len: e.len, offset: e.offset });
+        }
+    }
+
     /// Number of chunks located.
     pub(crate) fn len(&self) -> usize {
         self.chunks.len()

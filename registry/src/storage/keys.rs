@@ -11,6 +11,7 @@
 //! repositories/<name>/_referrers/sha256/<subject hex>/sha256/<64 hex>
 //!                                                          referrer descriptor (JSON)
 //! nodes/<node>                                             a node's latest holdings record (JSON), last writer wins
+//! gc/serving/<random>                                      lease of a serving registry, renewed every 10 s (storage::gc)
 //! ```
 //!
 //! Content (chunks, recipes, manifests) is global and content-addressed, so it is stored

@@ -7,6 +7,7 @@
 mod cache;
 mod chunks;
 pub(crate) mod faults;
+pub(crate) mod gc;
 mod index;
 pub(crate) mod keys;
 pub(crate) mod metrics;
@@ -47,6 +48,7 @@ impl From<object_store::Error> for StoreError {
 type Result<T> = std::result::Result<T, StoreError>;
 
 pub use chunks::{ChunkWriter, DEFAULT_PACK_TARGET};
+pub use gc::{GcOptions, GcReport, DEFAULT_GRACE, DEFAULT_REWRITE_BELOW};
 
 /// Typed access to the registry's objects.
 pub struct Store {
@@ -59,6 +61,10 @@ pub struct Store {
     pack_target: usize,
     /// Recently used decoded recipes (immutable: never stale).
     recipes: cache::Cache<Sha256Digest, Recipe>,
+    /// What a GC run in this process is about to delete; commits hold it shared while they
+    /// check their content is still there, GC holds it exclusively while it dooms
+    /// (docs/DECISIONS.md D17).
+    gc_fence: tokio::sync::RwLock<gc::Doomed>,
 }
 
 /// Bytes of encoded recipes kept decoded in memory (a 2 GiB memory file in 4 KiB pages has
@@ -78,6 +84,7 @@ impl Store {
             refresh: tokio::sync::Mutex::new(chunks::RefreshState::default()),
             pack_target: DEFAULT_PACK_TARGET,
             recipes: cache::Cache::new(RECIPE_CACHE_BYTES),
+            gc_fence: tokio::sync::RwLock::new(gc::Doomed::default()),
         }
     }
 
@@ -145,7 +152,18 @@ impl Store {
     // ---- recipes ----
 
     /// Stores a blob's recipe (content-addressed by the blob digest; a present one is kept).
+    /// Refused with a retryable error when GC deleted or is deleting one of its chunks
+    /// since the caller stored or found them (docs/DECISIONS.md D17).
     pub async fn put_recipe(&self, recipe: &Recipe) -> Result<()> {
+        let fence = self.gc_fence.read().await;
+        let ids = recipe.distinct_chunks();
+        let unknown: Vec<_> = ids.into_iter().filter(|id| !self.is_known_chunk(id)).collect();
+        if !unknown.is_empty() && self.which_present(&unknown).await?.contains(&false) {
+            return Err(gc::collected("a chunk of this blob was garbage-collected during the upload"));
+        }
+        if fence.recipes.contains(&recipe.digest) {
+            return Err(gc::collected("this blob is being garbage-collected"));
+        }
         let bytes = recipe.encode();
         let len = bytes.len();
         self.put_content(&keys::recipe(&recipe.digest), bytes).await?;
@@ -183,8 +201,15 @@ impl Store {
 
     // ---- blob links ----
 
-    /// Makes a blob readable in `repo`.
+    /// Makes a blob readable in `repo`. Refused with a retryable error when GC is deleting
+    /// or deleted its recipe (docs/DECISIONS.md D17).
     pub async fn link_blob(&self, repo: &str, digest: &Sha256Digest, size: u64) -> Result<()> {
+        let fence = self.gc_fence.read().await;
+        if fence.recipes.contains(digest)
+            || (fence.runs_deleted > 0 && !self.exists(&keys::recipe(digest)).await?)
+        {
+            return Err(gc::collected("this blob was garbage-collected; upload it again"));
+        }
         self.put(&keys::blob_link(repo, digest), size.to_string()).await
     }
 
@@ -224,7 +249,14 @@ impl Store {
     }
 
     /// Makes a manifest readable in `repo`, remembering its media type.
+    /// Refused with a retryable error when GC is deleting or deleted the manifest bytes.
     pub async fn link_manifest(&self, repo: &str, digest: &Sha256Digest, media_type: &str) -> Result<()> {
+        let fence = self.gc_fence.read().await;
+        if fence.manifests.contains(digest)
+            || (fence.runs_deleted > 0 && !self.exists(&keys::manifest(digest)).await?)
+        {
+            return Err(gc::collected("this manifest was garbage-collected; push it again"));
+        }
         self.put(&keys::manifest_link(repo, digest), media_type.to_owned()).await
     }
 
