@@ -59,6 +59,8 @@ pub struct Config {
     pub resolver: ResolverConfig,
     /// Herd damping.
     pub herd: HerdConfig,
+    /// PEM files of CAs to trust for the registry besides the built-in roots.
+    pub ca_certs: Vec<std::path::PathBuf>,
 }
 
 impl Config {
@@ -71,6 +73,7 @@ impl Config {
             poll_interval: Duration::from_secs(1),
             resolver: ResolverConfig::default(),
             herd: HerdConfig::default(),
+            ca_certs: Vec::new(),
         }
     }
 
@@ -84,6 +87,7 @@ impl Config {
             },
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(10),
+            ca_certs: self.ca_certs.clone(),
             ..ClientOptions::default()
         }
     }
@@ -248,6 +252,23 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// Serves [`app`] on `listener` until `shutdown`: HTTPS when `tls` is set (its files are
+/// reloaded when they change), else plain HTTP.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    tls: Option<thaw_client::tls::ReloadingConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match tls {
+        None => axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await,
+        Some(config) => {
+            let listener = thaw_client::tls::TlsListener::new(listener, config)?;
+            axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+        }
+    }
 }
 
 fn parse_args(body: &[u8]) -> Result<ExtenderArgs, (StatusCode, String)> {

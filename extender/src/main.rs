@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use thaw_extender::herd::HerdConfig;
-use thaw_extender::{app, AppState, Config};
+use thaw_extender::{AppState, Config};
 
 /// Where node holdings come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -29,6 +29,16 @@ struct Args {
     /// Speak plain HTTP to a registry given without a scheme.
     #[arg(long, env = "THAW_PLAIN_HTTP")]
     plain_http: bool,
+    /// Trust the CA certificates in this PEM file for the registry, besides the system roots.
+    #[arg(long, env = "THAW_CA_CERT", value_name = "FILE")]
+    ca_cert: Vec<std::path::PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key); re-read when it changes
+    /// and on SIGHUP. kube-scheduler's `urlPrefix` is then `https://ADDR`.
+    #[arg(long, env = "THAW_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "THAW_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Where node holdings come from.
     #[arg(long, env = "THAW_HOLDINGS", value_enum, default_value = "registry")]
     holdings: Holdings,
@@ -85,6 +95,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--poll-interval-ms must be at least 1");
     }
     let mut config = Config::new(&host, plain_http);
+    config.ca_certs = args.ca_cert.clone();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            thaw_client::tls::ReloadingConfig::load(thaw_client::tls::TlsFiles::new(cert, key))
+                .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?,
+        ),
+        _ => None,
+    };
     config.knative_template = Some(args.knative_template).filter(|t| !t.trim().is_empty());
     config.poll_interval = Duration::from_millis(args.poll_interval_ms);
     config.resolver.tag_ttl = Duration::from_secs(args.tag_ttl);
@@ -107,7 +125,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, registry = %host, "listening");
+    tracing::info!(addr = %listener.local_addr()?, registry = %host, tls = tls.is_some(), "listening");
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -117,6 +135,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await?;
+    thaw_extender::serve(listener, state, tls, shutdown).await?;
     Ok(())
 }

@@ -231,7 +231,9 @@ impl Scorer {
                 continue;
             }
             let idx = fresh.len() as u32;
-            let mut held: Vec<Sha256Digest> = n.snapshots.iter().map(|s| s.digest).collect();
+            // A snapshot still being materialized (swarming's announcement) covers nothing yet.
+            let mut held: Vec<Sha256Digest> =
+                n.snapshots.iter().filter(|s| !s.is_in_progress()).map(|s| s.digest).collect();
             held.sort_unstable();
             held.dedup();
             for d in &held {
@@ -501,6 +503,18 @@ mod tests {
         s.set_holdings(&[node("cold", &[a])]);
         assert_eq!(s.coverage_scores(&a, &names), vec![0, 0, 0, 0, 10, 0]);
         assert_eq!(s.coverage_scores(&Sha256Digest::of(b"unknown"), &names), vec![0; 6]);
+    }
+
+    #[test]
+    fn a_snapshot_still_being_materialized_covers_nothing() {
+        let s = Scorer::new(HerdConfig::OFF);
+        let a = Sha256Digest::of(b"a");
+        s.insert_profile(a, &chunks(0..10, 100));
+        let mut pulling = node("pulling", &[a]);
+        pulling.snapshots[0].cached_bytes = 0;
+        s.set_holdings(&[pulling, node("holder", &[a])]);
+        let names = vec!["pulling".to_owned(), "holder".to_owned()];
+        assert_eq!(s.coverage_scores(&a, &names), vec![0, 10]);
     }
 
     #[test]

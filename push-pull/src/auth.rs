@@ -37,6 +37,29 @@ impl Credentials {
     }
 }
 
+/// Credentials from `THAW_REGISTRY_USER` with `THAW_REGISTRY_PASSWORD` or
+/// `THAW_REGISTRY_PASSWORD_FILE` (a file holding the password; a trailing newline is
+/// dropped): how daemons (node cache, extender) log in with their own account.
+pub fn credentials_from_env() -> Result<Option<Credentials>> {
+    let Some(username) = std::env::var("THAW_REGISTRY_USER").ok().filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let password = match (std::env::var("THAW_REGISTRY_PASSWORD"), std::env::var_os("THAW_REGISTRY_PASSWORD_FILE")) {
+        (Ok(p), _) => p,
+        (Err(_), Some(path)) => {
+            let path = PathBuf::from(path);
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
+            text.trim_end_matches(['\n', '\r']).to_owned()
+        }
+        (Err(_), None) => {
+            return Err(Error::Config(format!(
+                "THAW_REGISTRY_USER={username} is set but neither THAW_REGISTRY_PASSWORD nor THAW_REGISTRY_PASSWORD_FILE is"
+            )))
+        }
+    };
+    Ok(Some(Credentials { username, password }))
+}
+
 /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
 pub fn docker_config_path() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {

@@ -21,7 +21,7 @@ impl Registry {
         let req = Request::new(
             Method::PUT,
             self.transport.url(&format!("/v2/_thaw/nodes/{}", holdings.node)),
-            Scope::Registry,
+            Scope::Nodes { write: true },
         )
         .header("content-type", "application/json")
         .body(Body::Bytes(Bytes::from(body)))
@@ -33,7 +33,8 @@ impl Registry {
     /// Every node's latest holdings.
     pub async fn node_directory(&self) -> Result<NodeDirectory> {
         let op = format!("reading the node directory of {}", self.host());
-        let req = Request::new(Method::GET, self.transport.url("/v2/_thaw/nodes"), Scope::Registry);
+        let req =
+            Request::new(Method::GET, self.transport.url("/v2/_thaw/nodes"), Scope::Nodes { write: false });
         let (_, body) = self.transport.fetch_all(&op, &req, &[200], MAX_DIRECTORY_LEN).await?;
         serde_json::from_slice(&body).map_err(|e| Error::protocol(&op, format!("malformed directory: {e}")))
     }

@@ -38,6 +38,8 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Limit for any one read from a connection to stall.
     pub read_timeout: Duration,
+    /// PEM files of CAs to trust besides the built-in roots (a private registry's CA).
+    pub ca_certs: Vec<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -50,6 +52,7 @@ impl Default for ClientOptions {
             use_thaw: true,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(120),
+            ca_certs: Vec::new(),
         }
     }
 }
@@ -79,7 +82,8 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, appli
 
 impl Registry {
     /// A client for `host` (`name[:port]`), counting bytes into `stats`. Credentials come from
-    /// `options.credentials`, else from the Docker config file.
+    /// `options.credentials`, else from `THAW_REGISTRY_USER` and `THAW_REGISTRY_PASSWORD`
+    /// (or `THAW_REGISTRY_PASSWORD_FILE`), else from the Docker config file.
     pub fn new(host: &str, options: &ClientOptions, stats: Arc<Stats>) -> Result<Self> {
         if !crate::reference::is_valid_host(host) {
             return Err(Error::InvalidReference {
@@ -89,15 +93,20 @@ impl Registry {
         }
         let credentials = match &options.credentials {
             Some(c) => Some(c.clone()),
-            None => match options.docker_config.clone().or_else(docker_config_path) {
-                Some(path) => credentials_from_config(&path, host)?,
-                None => None,
+            None => match crate::auth::credentials_from_env()? {
+                Some(c) => Some(c),
+                None => match options.docker_config.clone().or_else(docker_config_path) {
+                    Some(path) => credentials_from_config(&path, host)?,
+                    None => None,
+                },
             },
         };
         let http = reqwest::Client::builder()
             .user_agent(concat!("thaw/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(options.connect_timeout)
-            .read_timeout(options.read_timeout)
+            .read_timeout(options.read_timeout);
+        let http = crate::tls::configure_client(http, &options.ca_certs, None)
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?
             .build()
             .map_err(|e| Error::Transport { op: "setting up the HTTP client".into(), source: e })?;
         let transport = Transport::new(http, host, options.plain_http, credentials, options.retry, stats)?;

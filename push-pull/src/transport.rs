@@ -78,6 +78,11 @@ pub(crate) enum Scope {
     Pull(String),
     /// Read and write a repository.
     Push(String),
+    /// The registry's node directory: read, or publish (`write`).
+    Nodes {
+        /// Publishing (PUT) rather than reading.
+        write: bool,
+    },
 }
 
 impl Scope {
@@ -86,6 +91,8 @@ impl Scope {
             Self::Registry => None,
             Self::Pull(r) => Some(format!("repository:{r}:pull")),
             Self::Push(r) => Some(format!("repository:{r}:pull,push")),
+            Self::Nodes { write: false } => Some("registry:nodes:read".into()),
+            Self::Nodes { write: true } => Some("registry:nodes:write".into()),
         }
     }
 }

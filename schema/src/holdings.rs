@@ -39,8 +39,18 @@ pub struct HeldSnapshot {
     pub digest: Sha256Digest,
     /// Total size of its files in bytes.
     pub size_bytes: u64,
-    /// Bytes of it present on the node (equal to `size_bytes` once complete).
+    /// Bytes of it present on the node (equal to `size_bytes` once complete). `0` while a
+    /// node cache is materializing it: an in-progress announcement, for swarming peers
+    /// (docs/DECISIONS.md D19).
     pub cached_bytes: u64,
+}
+
+impl HeldSnapshot {
+    /// True for an in-progress announcement: the node is still materializing it, so it
+    /// holds none of it that anyone may count on yet.
+    pub fn is_in_progress(&self) -> bool {
+        self.cached_bytes == 0 && self.size_bytes > 0
+    }
 }
 
 /// Answer of `GET /v2/_thaw/nodes`: every node's latest record.

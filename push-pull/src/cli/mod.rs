@@ -35,6 +35,9 @@ struct Global {
     /// Speak plain HTTP, without TLS (for a registry on localhost or a trusted network).
     #[arg(long, global = true, env = "THAW_PLAIN_HTTP")]
     plain_http: bool,
+    /// Trust the CA certificates in this PEM file besides the system roots (repeatable).
+    #[arg(long, global = true, env = "THAW_CA_CERT", value_name = "FILE")]
+    ca_cert: Vec<PathBuf>,
     /// Registry for references written without a host.
     #[arg(long, global = true, env = "THAW_REGISTRY", value_name = "HOST[:PORT]")]
     registry: Option<String>,
@@ -193,6 +196,7 @@ impl Ctx {
             plain_http: self.global.plain_http || plain_http,
             docker_config: self.global.docker_config.clone(),
             use_thaw: !self.global.no_thaw,
+            ca_certs: self.global.ca_cert.clone(),
             ..ClientOptions::default()
         }
     }
