@@ -12,10 +12,12 @@
 //!
 //! - **registry**: no P2P; every node pulls at the same moment.
 //! - **p2p, all cold**: P2P on; every node pulls at the same moment. No node holds the
-//!   snapshot until it finishes, and swarming is not built yet, so this is the case it must fix.
+//!   snapshot until it finishes: the nodes swarm (docs/DECISIONS.md D19).
 //! - **p2p, one seed**: one node pulls first (not counted), then the others at once.
 //!
-//! No bandwidth limit: loopback times say little about a network; bytes are the measure.
+//! The registry's uplink is limited (`THAW_BENCH_UPLINK_MBIT`, default 1000: one 1 Gbit/s
+//! NIC, shared by every connection, at the proxy); the links between nodes are loopback,
+//! not limited (no network namespaces here), so P2P times are optimistic for a real network.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -129,6 +131,51 @@ async fn wait_for_peer(host: &str, node: &str) {
     }
 }
 
+/// A TCP proxy to `upstream` that counts the bytes the upstream sends into `passed` and
+/// lets them through at most at `bytes_per_s` in total over all connections (one uplink).
+async fn uplink(upstream: String, passed: Arc<AtomicU64>, bytes_per_s: f64) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    // When the link is next free.
+    let free_at = Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now()));
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            let (upstream, passed, free_at) = (upstream.clone(), passed.clone(), free_at.clone());
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                let _ = up.set_nodelay(true);
+                let (mut down_r, mut down_w) = down.into_split();
+                let (mut up_r, mut up_w) = up.into_split();
+                let requests = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut down_r, &mut up_w).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match up_r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let send_at = {
+                                let mut f = free_at.lock().await;
+                                let start = (*f).max(tokio::time::Instant::now());
+                                *f = start + Duration::from_secs_f64(n as f64 / bytes_per_s);
+                                *f
+                            };
+                            tokio::time::sleep_until(send_at).await;
+                            if down_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            passed.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+                requests.abort();
+            });
+        }
+    });
+    addr
+}
+
 static SENT: std::sync::OnceLock<Arc<AtomicU64>> = std::sync::OnceLock::new();
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +188,8 @@ async fn main() {
     let (dir, source, _keep) = snapshot_dir();
     let registry = ThawRegistry::start().await;
     let sent = SENT.get_or_init(Arc::default).clone();
-    let host = support::proxy(registry.host(), sent.clone(), Duration::ZERO).await;
+    let mbit: f64 = std::env::var("THAW_BENCH_UPLINK_MBIT").map_or(1000.0, |v| v.parse().expect("a number"));
+    let host = uplink(registry.host(), sent.clone(), mbit * 1e6 / 8.0).await;
     let reference = Reference::parse(&format!("{host}/fn/json:v1")).unwrap();
     let client = support::common::client_for(&reference);
     thaw_client::push_dir(&client, &reference, &dir, &PushOptions::default()).await.expect("push");
@@ -175,8 +223,9 @@ async fn main() {
     let _ = writeln!(out, "### P2P: registry egress and time to the last node\n");
     let _ = writeln!(
         out,
-        "Snapshot: {source}, {} MiB of files. Loopback, no bandwidth limit; egress counted at a \
-         proxy in front of the registry (HTTP included). One copy (one node alone) = {} MiB.\n",
+        "Snapshot: {source}, {} MiB of files. Registry uplink limited to {mbit} Mbit/s (shared by \
+         all connections) at a proxy in front of the registry, which counts its egress (HTTP \
+         included); node-to-node traffic on loopback, not limited. One copy (one node alone) = {} MiB.\n",
         mib(size),
         if one_copy > 0 { mib(one_copy) } else { "n/a (no 1-node run)".into() }
     );
@@ -198,8 +247,84 @@ async fn main() {
             mib(r.registry)
         );
     }
+    if let Some(path) = std::env::var_os("THAW_BENCH_PLOT") {
+        match plot(std::path::Path::new(&path), &rows, one_copy) {
+            Ok(()) => eprintln!("plot written to {}", path.to_string_lossy()),
+            Err(e) => eprintln!("no plot: {e}"),
+        }
+    }
     print!("{out}");
     if let Some(path) = std::env::var_os("THAW_BENCH_REPORT") {
         std::fs::write(path, &out).expect("writing the report");
     }
+}
+
+/// Two line charts side by side: registry egress in copies, and seconds to the last node,
+/// against the node count, one line per mode. The font is read at run time (DejaVu Sans),
+/// as the integration runner's plots do.
+fn plot(path: &Path, rows: &[Row], one_copy: u64) -> Result<(), String> {
+    use plotters::prelude::*;
+    let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"]
+        .iter()
+        .find(|p| Path::new(p).is_file())
+        .ok_or("no DejaVu Sans font (Debian's fonts-dejavu-core)")?;
+    let bytes = std::fs::read(font).map_err(|e| e.to_string())?;
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(bytes.into_boxed_slice()),
+    )
+    .map_err(|_| "not a usable font".to_string())?;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let (left, right) = root.split_horizontally(600);
+    let max_nodes = rows.iter().map(|r| r.nodes).max().unwrap_or(1) as f64;
+    let colors = [RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xff, 0x7f, 0x0e), RGBColor(0x2c, 0xa0, 0x2c)];
+    let modes = [Mode::Registry, Mode::AllCold, Mode::OneSeed];
+    type Pick = fn(&Row, u64) -> f64;
+    let panels: [(&DrawingArea<BitMapBackend, plotters::coord::Shift>, &str, Pick); 2] = [
+        (&left, "registry egress (copies of the snapshot)", |r, c| r.egress as f64 / c.max(1) as f64),
+        (&right, "time to the last node (s)", |r, _| r.last_s),
+    ];
+    for (area, title, pick) in panels {
+        let top = rows.iter().map(|r| pick(r, one_copy)).fold(0.0, f64::max) * 1.15 + 0.1;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 20))
+            .margin(14)
+            .x_label_area_size(36)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.5f64..max_nodes + 0.5, 0f64..top)
+            .map_err(|x| e(&x))?;
+        chart
+            .configure_mesh()
+            .x_desc("nodes pulling at once")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|x| e(&x))?;
+        for (mode, color) in modes.iter().zip(colors) {
+            let points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.mode == *mode)
+                .map(|r| (r.nodes as f64, pick(r, one_copy)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .map_err(|x| e(&x))?
+                .label(mode.label())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            chart
+                .draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                .map_err(|x| e(&x))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|x| e(&x))?;
+    }
+    root.present().map_err(|x| e(&x))
 }

@@ -56,6 +56,7 @@ impl CacheError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Self::Io { source, .. } if is_out_of_space(source) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Registry(e) if e.is_not_found() => StatusCode::NOT_FOUND,
             Self::Registry(e) if e.is_usage() => StatusCode::BAD_REQUEST,
             Self::Registry(_) => StatusCode::BAD_GATEWAY,
@@ -71,6 +72,7 @@ impl CacheError {
             Self::BadRequest(_) => "BAD_REQUEST",
             Self::NotFound(_) => "NOT_FOUND",
             Self::NoSpace(_) => "NO_SPACE",
+            Self::Io { source, .. } if is_out_of_space(source) => "NO_SPACE",
             Self::Registry(e) if e.is_not_found() => "NOT_FOUND",
             Self::Registry(_) => "REGISTRY",
             Self::Io { .. } => "IO",
@@ -83,8 +85,22 @@ impl CacheError {
 
 impl From<thaw_client::Error> for CacheError {
     fn from(e: thaw_client::Error) -> Self {
-        Self::Registry(e)
+        match e {
+            // The client failed on the cache's own disk, not on the registry: say so, and a
+            // full disk answers 507 like any other lack of space.
+            thaw_client::Error::Io { op, path, source } => {
+                Self::Io { op, path: path.display().to_string(), source }
+            }
+            other => Self::Registry(other),
+        }
     }
+}
+
+/// True when an I/O error means the filesystem (or the quota) is full.
+fn is_out_of_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
+            || code == rustix::io::Errno::DQUOT.raw_os_error())
 }
 
 /// The JSON error body: `{"error": {"code": "...", "message": "..."}}`.

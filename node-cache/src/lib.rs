@@ -22,6 +22,7 @@ mod index;
 pub mod kube_publisher;
 mod metrics;
 pub mod peer;
+mod swarm;
 
 pub use cache::{Cache, CacheConfig, DiskReport, ScrubReport};
 pub use error::{CacheError, Result};

@@ -85,6 +85,23 @@ struct Args {
     /// in flight).
     #[arg(long, env = "THAW_PEER_MAX_UPLOADS_PER_PEER", default_value_t = 3)]
     peer_max_uploads_per_peer: usize,
+    /// Serve the peer port with HTTPS, this PEM certificate chain; also the client
+    /// certificate presented to peers that require one. Re-read on change and SIGHUP.
+    #[arg(long, env = "THAW_PEER_TLS_CERT", value_name = "FILE", requires = "peer_tls_key")]
+    peer_tls_cert: Option<PathBuf>,
+    /// PEM private key for --peer-tls-cert.
+    #[arg(long, env = "THAW_PEER_TLS_KEY", value_name = "FILE", requires = "peer_tls_cert")]
+    peer_tls_key: Option<PathBuf>,
+    /// Fetch from peers over HTTPS, trusting the CAs in this PEM file.
+    #[arg(long, env = "THAW_PEER_TLS_CA", value_name = "FILE")]
+    peer_tls_ca: Option<PathBuf>,
+    /// Require peers to present a client certificate signed by a CA in this PEM file
+    /// (mutual TLS; the cluster token is still checked). Needs --peer-tls-cert.
+    #[arg(long, env = "THAW_PEER_TLS_CLIENT_CA", value_name = "FILE", requires = "peer_tls_cert")]
+    peer_tls_client_ca: Option<PathBuf>,
+    /// Trust the CA certificates in this PEM file for the registry, besides the system roots.
+    #[arg(long, env = "THAW_CA_CERT", value_name = "FILE")]
+    ca_cert: Vec<PathBuf>,
 }
 
 /// The P2P options from the command line, and the peer listener if one is wanted.
@@ -111,6 +128,8 @@ async fn peer_setup(
         penalty: Duration::from_secs(args.peer_penalty_secs),
         max_uploads: args.peer_max_uploads,
         max_uploads_per_peer: args.peer_max_uploads_per_peer,
+        tls_ca: args.peer_tls_ca.clone(),
+        tls_identity: args.peer_tls_cert.clone().zip(args.peer_tls_key.clone()),
     };
     let Some(addr) = &args.peer_listen else {
         return Ok((options, None, None));
@@ -173,7 +192,19 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let (host, plain_http) = thaw_client::parse_registry_url(&args.registry, args.plain_http)?;
-    let client = ClientOptions { plain_http, ..ClientOptions::default() };
+    let client = ClientOptions { plain_http, ca_certs: args.ca_cert.clone(), ..ClientOptions::default() };
+    let peer_tls = match (&args.peer_tls_cert, &args.peer_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            thaw_client::tls::ReloadingConfig::load(thaw_client::tls::TlsFiles {
+                client_ca: args.peer_tls_client_ca.clone(),
+                ..thaw_client::tls::TlsFiles::new(cert, key)
+            })
+            .map_err(|e| {
+                anyhow::anyhow!("peer TLS (--peer-tls-cert/--peer-tls-key/--peer-tls-client-ca): {e}")
+            })?,
+        ),
+        _ => None,
+    };
     let (peer_options, peer_listener, peer_endpoint) = peer_setup(&args).await?;
     let config = CacheConfig {
         registry: host.clone(),
@@ -221,13 +252,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(listener) = peer_listener {
-        tracing::info!(addr = %listener.local_addr()?, advertised = ?cache.config().peer_endpoint, "peer service listening");
+        tracing::info!(addr = %listener.local_addr()?, advertised = ?cache.config().peer_endpoint, tls = peer_tls.is_some(), mtls = args.peer_tls_client_ca.is_some(), "peer service listening");
         let app = peer::serve::app(cache.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "the peer service stopped");
+        match peer_tls {
+            None => {
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "the peer service stopped");
+                    }
+                });
             }
-        });
+            Some(config) => {
+                use axum::serve::ListenerExt as _;
+                // `tap_io` is how axum hands a custom listener's peer address to `ConnectInfo`.
+                let listener = thaw_client::tls::TlsListener::new(listener, config)?.tap_io(|_| {});
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "the peer service stopped");
+                    }
+                });
+            }
+        }
     }
     let app = api::app(cache.clone());
     let shutdown = async {

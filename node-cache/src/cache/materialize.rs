@@ -1,7 +1,8 @@
 //! Materializing a snapshot: recipes from the registry, room made by eviction, chunks
 //! copied from cached snapshots (pinned meanwhile) or fetched, every file verified in
 //! `work/`, then moved into `snapshots/` and recorded. Chunks not held locally are asked
-//! of peers (when P2P is on) before the registry.
+//! of peers (when P2P is on) before the registry; meanwhile the snapshot is announced as in
+//! progress and swarmed with the other nodes materializing it (`swarm.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
 use crate::index::{ChunkLocation, FileRecord, SnapshotRecord};
 use crate::peer::fetch::{candidates, PeerSource, DIRECTORY_TIMEOUT};
+use crate::swarm::{Materializing, SwarmSource, GATHER, SWARM_REFRESH};
 
 /// What one file of a snapshot being materialized needs.
 struct Planned {
@@ -152,14 +154,45 @@ impl Cache {
             sources
         };
 
-        let peers = self.peer_source(reference, digest).await;
         let work = self.dirs.work.join(format!("{}.{}", digest.hex(), fsutil::nonce()));
         std::fs::create_dir_all(&work).map_err(|e| CacheError::io("creating", &work, e))?;
-        let result = self.write_files(reference, digest, planned, &sources, peers.as_ref(), &work).await;
+        // Announced as in progress (holdings, bitmaps) until it is recorded below.
+        let registered = self.config.peer.enabled().then(|| {
+            let files: Vec<(Sha256Digest, &Recipe, PathBuf)> = planned
+                .iter()
+                .filter_map(|p| {
+                    let r = p.recipe.as_ref()?;
+                    Some((p.layer.descriptor.digest, r, work.join(&p.layer.title)))
+                })
+                .collect();
+            let size = planned.iter().map(|p| p.layer.descriptor.size).sum();
+            let registered = self.swarm.register(digest, Materializing::new(what.clone(), size, files));
+            self.holdings_changed.notify_one();
+            registered
+        });
+        let peers = match &registered {
+            Some(r) => self.peer_source(reference, digest, r.materializing.clone()).await,
+            None => None,
+        };
+        let writing = self.write_files(reference, digest, planned, &sources, peers.as_ref(), &work);
+        let result = match &registered {
+            Some(r) => {
+                tokio::select! {
+                    result = writing => result,
+                    never = self.refresh_swarm(digest, &r.materializing) => match never {},
+                }
+            }
+            None => writing.await,
+        };
         let (files, chunks, bytes) = match result {
             Ok(v) => v,
             Err(e) => {
                 fsutil::remove_all(&work);
+                if registered.is_some() {
+                    // No longer in progress: withdraw the announcement (after the debounce,
+                    // by when `registered` is dropped).
+                    self.holdings_changed.notify_one();
+                }
                 return Err(e);
             }
         };
@@ -189,6 +222,8 @@ impl Cache {
             let mut st = self.state.lock().expect("state lock");
             st.snapshots.insert(digest, record);
         }
+        // Recorded: its chunks are now served from `snapshots/`.
+        drop(registered);
         drop(hold);
         tracing::info!(
             reference = %what,
@@ -210,7 +245,7 @@ impl Cache {
         digest: Sha256Digest,
         planned: &[Planned],
         sources: &HashMap<ChunkId, (ChunkLocation, PathBuf)>,
-        peers: Option<&Arc<PeerSource>>,
+        peers: Option<&Arc<SwarmSource>>,
         work: &Path,
     ) -> Result<(Vec<FileRecord>, Vec<(ChunkId, ChunkLocation)>, BytesBySource)> {
         let mut files = Vec::new();
@@ -291,38 +326,83 @@ impl Cache {
         Ok((files, chunks, bytes))
     }
 
-    /// The peers to ask for this snapshot's chunks, when P2P is on and the registry's node
-    /// directory names any: nodes holding this snapshot, then nodes holding another snapshot
-    /// of its repository (they share most chunks across revisions). Without a directory
-    /// answer in time, the snapshot comes from the registry alone.
-    async fn peer_source(&self, reference: &Reference, digest: Sha256Digest) -> Option<Arc<PeerSource>> {
+    /// The peers to ask for this snapshot's chunks, when P2P is on: nodes holding this
+    /// snapshot, then nodes holding another snapshot of its repository (they share most
+    /// chunks across revisions), then the swarm of nodes materializing it too. When no node
+    /// holds it, waits [`GATHER`] for the other members' announcements first. Without a
+    /// directory answer in time, the snapshot comes from the registry alone.
+    async fn peer_source(
+        &self,
+        reference: &Reference,
+        digest: Sha256Digest,
+        materializing: Arc<Materializing>,
+    ) -> Option<Arc<SwarmSource>> {
         let options = &self.config.peer;
-        if !options.enabled() {
-            return None;
+        let mut directory = self.directory().await?;
+        let holders_of = |d: &thaw_schema::holdings::NodeDirectory| {
+            candidates(
+                d,
+                &self.config.node_name,
+                self.config.peer_endpoint.as_deref(),
+                reference.registry(),
+                reference.repository(),
+                &digest,
+            )
+        };
+        let mut peers = holders_of(&directory);
+        if !peers.iter().any(|p| p.same_snapshot) {
+            tokio::time::sleep(GATHER).await;
+            directory = self.directory().await?;
+            peers = holders_of(&directory);
         }
-        let directory = match tokio::time::timeout(DIRECTORY_TIMEOUT, self.registry.node_directory()).await {
-            Ok(Ok(d)) => d,
+        materializing.add_from_directory(&directory, &self.config.node_name, &digest);
+        tracing::debug!(
+            peers = ?peers.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(),
+            swarm = ?materializing.members.lock().expect("members lock").keys().collect::<Vec<_>>(),
+            "peers to ask"
+        );
+        let holders = (!peers.is_empty()).then(|| {
+            Arc::new(PeerSource::new(peers, self.peer_http.clone(), options.clone(), self.peers.clone()))
+        });
+        Some(Arc::new(SwarmSource::new(
+            holders,
+            self.config.node_name.clone(),
+            self.config.peer_endpoint.clone(),
+            digest,
+            materializing,
+            self.peer_http.clone(),
+            options.clone(),
+            self.peers.clone(),
+        )))
+    }
+
+    /// The registry's node directory, or `None` (logged) when it does not answer in time.
+    async fn directory(&self) -> Option<thaw_schema::holdings::NodeDirectory> {
+        match tokio::time::timeout(DIRECTORY_TIMEOUT, self.registry.node_directory()).await {
+            Ok(Ok(d)) => Some(d),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "no node directory; fetching from the registry alone");
-                return None;
+                None
             }
             Err(_) => {
                 tracing::warn!("the node directory did not answer in time; fetching from the registry alone");
-                return None;
+                None
             }
-        };
-        let peers = candidates(
-            &directory,
-            &self.config.node_name,
-            self.config.peer_endpoint.as_deref(),
-            reference.registry(),
-            reference.repository(),
-            &digest,
-        );
-        if peers.is_empty() {
-            return None;
         }
-        tracing::debug!(peers = ?peers.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), "peers to ask");
-        Some(Arc::new(PeerSource::new(peers, self.peer_http.clone(), options.clone(), self.peers.clone())))
+    }
+
+    /// Adds the nodes that start materializing `digest` later to its swarm, from the
+    /// directory, until cancelled.
+    async fn refresh_swarm(
+        &self,
+        digest: Sha256Digest,
+        materializing: &Materializing,
+    ) -> std::convert::Infallible {
+        loop {
+            tokio::time::sleep(SWARM_REFRESH).await;
+            if let Ok(Ok(d)) = tokio::time::timeout(DIRECTORY_TIMEOUT, self.registry.node_directory()).await {
+                materializing.add_from_directory(&d, &self.config.node_name, &digest);
+            }
+        }
     }
 }

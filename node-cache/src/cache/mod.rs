@@ -41,6 +41,7 @@ use crate::peer::{PeerBook, PeerOptions};
 mod evict;
 mod materialize;
 mod peer_io;
+pub(crate) use peer_io::ChunkPlace;
 
 pub use evict::{DiskReport, ScrubReport};
 
@@ -143,6 +144,8 @@ pub struct Cache {
     pub(crate) metrics: Metrics,
     /// Peers to avoid, and the P2P counters.
     pub(crate) peers: Arc<PeerBook>,
+    /// Snapshots being materialized, for the swarm (`swarm.rs`).
+    pub(crate) swarm: Arc<crate::swarm::InProgress>,
     /// Peer uploads in progress, in total.
     pub(crate) uploads: Arc<tokio::sync::Semaphore>,
     /// Peer uploads in progress, per peer address.
@@ -242,12 +245,17 @@ impl Cache {
             spares_wanted: Notify::new(),
             metrics: Metrics::default(),
             peers: Arc::default(),
+            swarm: Arc::default(),
             uploads: Arc::new(tokio::sync::Semaphore::new(config.peer.max_uploads.max(1))),
             uploads_per_peer: Mutex::default(),
-            peer_http: reqwest::Client::builder()
-                .pool_max_idle_per_host(4)
-                .build()
-                .map_err(|e| CacheError::BadRequest(format!("peer HTTP client: {e}")))?,
+            peer_http: thaw_client::tls::configure_client(
+                reqwest::Client::builder().pool_max_idle_per_host(4),
+                config.peer.tls_ca.as_slice(),
+                config.peer.tls_identity.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
+            )
+            .map_err(|e| CacheError::BadRequest(format!("peer TLS: {e}")))?
+            .build()
+            .map_err(|e| CacheError::BadRequest(format!("peer HTTP client: {e}")))?,
             config,
         });
         cache.update_gauges();
@@ -598,6 +606,20 @@ impl Cache {
             })
             .collect();
         snapshots.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes).then(a.digest.cmp(&b.digest)));
+        // Snapshots being materialized, first (so they survive the bound): `cachedBytes: 0`.
+        let in_progress: Vec<HeldSnapshot> = self
+            .swarm
+            .list()
+            .into_iter()
+            .filter(|(d, _)| !st.snapshots.contains_key(d))
+            .map(|(digest, m)| HeldSnapshot {
+                reference: m.reference.clone(),
+                digest,
+                size_bytes: m.size,
+                cached_bytes: 0,
+            })
+            .collect();
+        snapshots.splice(0..0, in_progress);
         snapshots.truncate(MAX_SNAPSHOTS_PER_NODE);
         NodeHoldings {
             node: self.config.node_name.clone(),

@@ -1,12 +1,12 @@
-//! What the peer service needs from the cache: where a chunk lies in a complete snapshot,
-//! and upload slots per peer.
+//! What the peer service needs from the cache: where a chunk lies (in a complete snapshot,
+//! or in the work file of one being materialized), and upload slots per peer.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use thaw_schema::ChunkId;
+use thaw_schema::{ChunkId, Sha256Digest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Cache;
@@ -43,22 +43,45 @@ impl Cache {
         Some(UploadSlot { _mine: mine, _total: total })
     }
 
-    /// For each id, a file of a complete snapshot holding it, with offset and length.
-    pub(crate) fn chunk_files(&self, ids: &[ChunkId]) -> Result<Vec<Option<(PathBuf, u64, u32)>>> {
+    /// For each id, where to read it: a file of a complete snapshot holding it, else a work
+    /// file of a snapshot being materialized (whose bytes the reader must check: they may not
+    /// be written yet).
+    pub(crate) fn chunk_files(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkPlace>>> {
         let found = tokio::task::block_in_place(|| self.index.locate(ids))?;
         let st = self.state.lock().expect("state lock");
         Ok(ids
             .iter()
             .map(|id| {
-                found.get(id)?.iter().find_map(|loc| {
-                    let rec = st.snapshots.get(&loc.snapshot)?;
-                    let file = rec.files.get(usize::from(loc.file))?;
-                    let path = self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title);
-                    Some((path, loc.offset, loc.len))
+                let complete = found.get(id).and_then(|locs| {
+                    locs.iter().find_map(|loc| {
+                        let rec = st.snapshots.get(&loc.snapshot)?;
+                        let file = rec.files.get(usize::from(loc.file))?;
+                        let path = self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title);
+                        Some(ChunkPlace { path, offset: loc.offset, len: loc.len, in_progress: false })
+                    })
+                });
+                complete.or_else(|| {
+                    let (path, offset, len) = self.swarm.locate(id)?;
+                    Some(ChunkPlace { path, offset, len, in_progress: true })
                 })
             })
             .collect())
     }
+
+    /// Whether this node holds the complete snapshot `snapshot`, with `blob` among its files.
+    pub(crate) fn holds_blob(&self, snapshot: &Sha256Digest, blob: &Sha256Digest) -> bool {
+        let st = self.state.lock().expect("state lock");
+        st.snapshots.get(snapshot).is_some_and(|r| r.files.iter().any(|f| f.digest == *blob))
+    }
+}
+
+/// Where a chunk lies on this node.
+pub(crate) struct ChunkPlace {
+    pub(crate) path: PathBuf,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
+    /// In the work file of a snapshot being materialized, perhaps not written yet.
+    pub(crate) in_progress: bool,
 }
 
 #[cfg(test)]

@@ -108,74 +108,11 @@ impl PeerSource {
         (0..healthy.len()).map(|i| healthy[(start + i) % healthy.len()]).take(PEERS_PER_BATCH).collect()
     }
 
-    /// Asks one peer for `ids`; answers the chunks it sent, decoded and checked.
-    async fn ask(
-        &self,
-        peer: &Peer,
-        ids: &[(ChunkId, u32)],
-    ) -> Result<Vec<(ChunkId, Vec<u8>)>, (Failure, String)> {
-        let url = format!("http://{}{CHUNKS_PATH}", peer.endpoint);
-        let query: Vec<ChunkId> = ids.iter().map(|(id, _)| *id).collect();
-        let mut req = self
-            .http
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, media::CHUNK_IDS)
-            .timeout(self.options.timeout)
-            .body(encode_chunk_id_query(&query));
-        if let Some(t) = &self.options.token {
-            req = req.bearer_auth(t.as_str());
-        }
-        let classify = |e: reqwest::Error| {
-            if e.is_timeout() {
-                (Failure::Timeout, e.to_string())
-            } else {
-                (Failure::Error, e.to_string())
-            }
-        };
-        let mut resp = req.send().await.map_err(classify)?;
-        match resp.status().as_u16() {
-            200 => {}
-            // Busy: not a failure, just not now.
-            503 | 429 => return Ok(Vec::new()),
-            s => return Err((Failure::Error, format!("answered HTTP {s}"))),
-        }
-        let limit: usize = 8 + ids
-            .iter()
-            .map(|(_, len)| ENTRY_HEADER_LEN + (*len as usize + 1024).min(MAX_PAYLOAD_LEN as usize))
-            .sum::<usize>();
-        let mut body = Vec::new();
-        while let Some(piece) = resp.chunk().await.map_err(classify)? {
-            body.extend_from_slice(&piece);
-            if body.len() > limit {
-                return Err((Failure::Corrupt, format!("answer longer than the {limit} bytes asked for")));
-            }
-        }
-        let wanted: HashMap<ChunkId, u32> = ids.iter().copied().collect();
-        tokio::task::spawn_blocking(move || {
-            let chunks = parse_batch(&body).map_err(|e| (Failure::Corrupt, e.to_string()))?;
-            let mut seen = HashSet::new();
-            let mut out = Vec::with_capacity(chunks.len());
-            for (id, chunk) in chunks {
-                if !wanted.contains_key(&id) || !seen.insert(id) {
-                    return Err((Failure::Corrupt, format!("sent chunk {id}, which was not asked for")));
-                }
-                if chunk.raw_len != wanted[&id] {
-                    return Err((Failure::Corrupt, format!("sent chunk {id} with the wrong length")));
-                }
-                let data = chunk.decode(&id).map_err(|e| (Failure::Corrupt, format!("chunk {id}: {e}")))?;
-                out.push((id, data));
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| (Failure::Error, format!("decode task: {e}")))?
-    }
-
-    async fn fetch_batch(&self, ids: &[(ChunkId, u32)]) -> Vec<(ChunkId, Vec<u8>)> {
+    pub(crate) async fn fetch_batch(&self, ids: &[(ChunkId, u32)]) -> Vec<(ChunkId, Vec<u8>)> {
         let mut got: Vec<(ChunkId, Vec<u8>)> = Vec::new();
         let mut rest: Vec<(ChunkId, u32)> = ids.to_vec();
         for peer in self.pick() {
-            match self.ask(peer, &rest).await {
+            match ask(&self.http, &self.options, peer, &rest).await {
                 Ok(chunks) => {
                     let have: HashSet<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
                     let bytes: u64 = chunks.iter().map(|(_, d)| d.len() as u64).sum();
@@ -196,6 +133,70 @@ impl PeerSource {
         }
         got
     }
+}
+
+/// Asks one peer for `ids`; answers the chunks it sent, decoded and checked.
+pub(crate) async fn ask(
+    http: &reqwest::Client,
+    options: &PeerOptions,
+    peer: &Peer,
+    ids: &[(ChunkId, u32)],
+) -> Result<Vec<(ChunkId, Vec<u8>)>, (Failure, String)> {
+    let scheme = if options.tls_ca.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}{CHUNKS_PATH}", peer.endpoint);
+    let query: Vec<ChunkId> = ids.iter().map(|(id, _)| *id).collect();
+    let mut req = http
+        .post(&url)
+        .header(reqwest::header::CONTENT_TYPE, media::CHUNK_IDS)
+        .timeout(options.timeout)
+        .body(encode_chunk_id_query(&query));
+    if let Some(t) = &options.token {
+        req = req.bearer_auth(t.as_str());
+    }
+    let classify = |e: reqwest::Error| {
+        if e.is_timeout() {
+            (Failure::Timeout, e.to_string())
+        } else {
+            (Failure::Error, e.to_string())
+        }
+    };
+    let mut resp = req.send().await.map_err(classify)?;
+    match resp.status().as_u16() {
+        200 => {}
+        // Busy: not a failure, just not now.
+        503 | 429 => return Ok(Vec::new()),
+        s => return Err((Failure::Error, format!("answered HTTP {s}"))),
+    }
+    let limit: usize = 8 + ids
+        .iter()
+        .map(|(_, len)| ENTRY_HEADER_LEN + (*len as usize + 1024).min(MAX_PAYLOAD_LEN as usize))
+        .sum::<usize>();
+    let mut body = Vec::new();
+    while let Some(piece) = resp.chunk().await.map_err(classify)? {
+        body.extend_from_slice(&piece);
+        if body.len() > limit {
+            return Err((Failure::Corrupt, format!("answer longer than the {limit} bytes asked for")));
+        }
+    }
+    let wanted: HashMap<ChunkId, u32> = ids.iter().copied().collect();
+    tokio::task::spawn_blocking(move || {
+        let chunks = parse_batch(&body).map_err(|e| (Failure::Corrupt, e.to_string()))?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(chunks.len());
+        for (id, chunk) in chunks {
+            if !wanted.contains_key(&id) || !seen.insert(id) {
+                return Err((Failure::Corrupt, format!("sent chunk {id}, which was not asked for")));
+            }
+            if chunk.raw_len != wanted[&id] {
+                return Err((Failure::Corrupt, format!("sent chunk {id} with the wrong length")));
+            }
+            let data = chunk.decode(&id).map_err(|e| (Failure::Corrupt, format!("chunk {id}: {e}")))?;
+            out.push((id, data));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| (Failure::Error, format!("decode task: {e}")))?
 }
 
 impl ChunkSource for PeerSource {

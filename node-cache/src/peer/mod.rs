@@ -22,6 +22,31 @@ pub mod serve;
 /// The path of the peer chunk service.
 pub const CHUNKS_PATH: &str = "/v1/peer/chunks";
 
+/// The path prefix of the bitmap service: `GET {SNAPSHOTS_PATH}/<snapshot>/blobs/<blob>/bitmap`
+/// (both `sha256:<hex>`), which chunks of the blob's recipe this node has written.
+pub const SNAPSHOTS_PATH: &str = "/v1/peer/snapshots";
+
+/// The media type of a bitmap answer: bit `i` (of byte `i / 8`, least significant first) is
+/// set when the `i`-th distinct data chunk of the recipe (first-occurrence order) is written.
+pub const BITMAP_MEDIA_TYPE: &str = "application/vnd.thaw.chunk-bitmap.v1";
+
+/// Request header: the asking node's name (it joins the swarm of the snapshot).
+pub const NODE_HEADER: &str = "thaw-node";
+
+/// Request header: the asking node's peer endpoint (`host:port`).
+pub const ENDPOINT_HEADER: &str = "thaw-peer-endpoint";
+
+/// Answer header on a bitmap of a complete snapshot (the body is then empty: every chunk).
+pub const COMPLETE_HEADER: &str = "thaw-snapshot-complete";
+
+/// Answer header: how many chunks the bitmap covers.
+pub const COUNT_HEADER: &str = "thaw-chunk-count";
+
+/// The bitmap path of `blob` in `snapshot`.
+pub fn bitmap_path(snapshot: &thaw_schema::Sha256Digest, blob: &thaw_schema::Sha256Digest) -> String {
+    format!("{SNAPSHOTS_PATH}/{snapshot}/blobs/{blob}/bitmap")
+}
+
 /// Most chunk ids one peer request may name.
 pub const MAX_IDS_PER_REQUEST: usize = 4096;
 
@@ -117,6 +142,11 @@ pub struct PeerOptions {
     pub max_uploads: usize,
     /// Peer requests served at once to one peer (by IP address).
     pub max_uploads_per_peer: usize,
+    /// Speak HTTPS to peers, trusting the CAs in this PEM file (`--peer-tls-ca`). Every
+    /// node of a cluster must then serve its peer port with TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The client certificate and key (PEM) presented to peers that require one.
+    pub tls_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Default for PeerOptions {
@@ -128,6 +158,8 @@ impl Default for PeerOptions {
             penalty: Duration::from_secs(60),
             max_uploads: 8,
             max_uploads_per_peer: 3,
+            tls_ca: None,
+            tls_identity: None,
         }
     }
 }

@@ -24,18 +24,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::Path as UrlPath;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use thaw_schema::batch::{encode_entry, BATCH_MAGIC};
 use thaw_schema::dto::decode_chunk_id_query;
 use thaw_schema::frame::EncodedChunk;
 use thaw_schema::{media, ChunkId};
 
+use super::{BITMAP_MEDIA_TYPE, COMPLETE_HEADER, COUNT_HEADER, ENDPOINT_HEADER, NODE_HEADER, SNAPSHOTS_PATH};
 use super::{CHUNKS_PATH, MAX_ANSWER_RAW_BYTES, MAX_IDS_PER_REQUEST, MAX_REQUEST_BODY};
-use crate::cache::Cache;
+use crate::cache::{Cache, ChunkPlace};
 use crate::error::{CacheError, Result};
 
 /// Longest a request waits for an upload slot before it is answered 503.
@@ -51,6 +53,7 @@ const ZSTD_LEVEL: i32 = 1;
 pub fn app(cache: Arc<Cache>) -> Router {
     Router::new()
         .route(CHUNKS_PATH, post(chunks))
+        .route(&format!("{SNAPSHOTS_PATH}/{{snapshot}}/blobs/{{blob}}/bitmap"), get(bitmap))
         .fallback(fallback)
         .method_not_allowed_fallback(fallback)
         .with_state(cache)
@@ -79,7 +82,61 @@ fn authorize(cache: &Cache, headers: &HeaderMap) -> Result<()> {
 
 async fn fallback(State(cache): State<Arc<Cache>>, headers: HeaderMap) -> Result<Response> {
     authorize(&cache, &headers)?;
-    Err(CacheError::NotFound(format!("the peer service has only POST {CHUNKS_PATH}; see docs/API.md")))
+    Err(CacheError::NotFound(format!(
+        "the peer service has only POST {CHUNKS_PATH} and GET {SNAPSHOTS_PATH}/<snapshot>/blobs/<blob>/bitmap; \
+         see docs/API.md"
+    )))
+}
+
+/// Which chunks of `blob` (a file of `snapshot`) this node has written: a bitmap while it
+/// materializes the snapshot, "complete" once it holds it, 404 otherwise. The asking node
+/// (`Thaw-Node`, `Thaw-Peer-Endpoint`) joins this node's swarm for the snapshot.
+async fn bitmap(
+    State(cache): State<Arc<Cache>>,
+    UrlPath((snapshot, blob)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    authorize(&cache, &headers)?;
+    let parse = |what: &str, s: &str| {
+        s.parse::<thaw_schema::Sha256Digest>()
+            .map_err(|e| CacheError::BadRequest(format!("the {what} {s:?} is not a sha256 digest: {e}")))
+    };
+    let (snapshot, blob) = (parse("snapshot", &snapshot)?, parse("blob", &blob)?);
+    if let Some(m) = cache.swarm.get(&snapshot) {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if let (Some(node), Some(endpoint)) = (header(NODE_HEADER), header(ENDPOINT_HEADER)) {
+            let valid = thaw_schema::holdings::validate_node_name(node).is_ok()
+                && endpoint.len() <= 262
+                && endpoint.parse::<SocketAddr>().is_ok();
+            if valid && node != cache.config().node_name {
+                m.add_member(node, endpoint);
+            }
+        }
+        let Some((bits, count)) = m.bitmap(&blob) else {
+            return Err(CacheError::NotFound(format!("{blob} is not a file of {snapshot}")));
+        };
+        return Ok((
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, BITMAP_MEDIA_TYPE.to_owned()),
+                (header::HeaderName::from_static(COUNT_HEADER), count.to_string()),
+            ],
+            Body::from(bits),
+        )
+            .into_response());
+    }
+    if cache.holds_blob(&snapshot, &blob) {
+        return Ok((
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, BITMAP_MEDIA_TYPE.to_owned()),
+                (header::HeaderName::from_static(COMPLETE_HEADER), "1".to_owned()),
+            ],
+            Body::empty(),
+        )
+            .into_response());
+    }
+    Err(CacheError::NotFound(format!("this node neither holds nor materializes {snapshot} with file {blob}")))
 }
 
 async fn chunks(
@@ -109,7 +166,8 @@ async fn chunks(
     let _slot = slot.ok_or_else(|| busy("at the upload limits"))?;
     // While this node restores a snapshot itself, it serves one peer request at a time.
     let in_progress = cache.config().peer.max_uploads.max(1) - cache.uploads.available_permits();
-    if cache.restoring() && in_progress > 1 {
+    // (Not while it swarms: then serving the other members is how its own restore goes fast.)
+    if cache.restoring() && in_progress > 1 && cache.swarm.is_empty() {
         return Err(busy("this node is restoring a snapshot"));
     }
     let files = cache.chunk_files(&ids)?;
@@ -136,16 +194,12 @@ async fn chunks(
 
 /// Reads, checks and encodes the chunks this node holds, in request order. Answers the
 /// body, the chunks in it, and how many failed their check.
-fn build_answer(
-    cache: &Cache,
-    ids: &[ChunkId],
-    files: &[Option<(PathBuf, u64, u32)>],
-) -> (Vec<u8>, u64, u64) {
+fn build_answer(cache: &Cache, ids: &[ChunkId], files: &[Option<ChunkPlace>]) -> (Vec<u8>, u64, u64) {
     let mut out = BATCH_MAGIC.to_vec();
     let mut open: HashMap<PathBuf, Option<File>> = HashMap::new();
     let (mut raw, mut count, mut corrupt) = (0u64, 0u64, 0u64);
     for (id, place) in ids.iter().zip(files) {
-        let Some((path, offset, len)) = place else { continue };
+        let Some(ChunkPlace { path, offset, len, in_progress }) = place else { continue };
         if raw + u64::from(*len) > MAX_ANSWER_RAW_BYTES {
             break;
         }
@@ -156,6 +210,9 @@ fn build_answer(
             continue;
         }
         if ChunkId::of(&data) != *id {
+            if *in_progress {
+                continue; // not written yet: the asker gets it elsewhere or later
+            }
             cache.peers.served_corrupt.fetch_add(1, Ordering::Relaxed);
             corrupt += 1;
             tracing::warn!(chunk = %id, path = %path.display(), offset, "a cached chunk failed its check; not serving it");

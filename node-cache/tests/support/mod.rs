@@ -350,3 +350,29 @@ pub async fn proxy(
     });
     addr
 }
+
+/// An in-process registry whose object store injects the faults of `faults`
+/// (`thaw_registry::Faults`); storage in a temporary directory.
+pub struct FaultyRegistry {
+    pub running: thaw_registry::RunningRegistry,
+    pub faults: std::sync::Arc<thaw_registry::Faults>,
+    _storage: tempfile::TempDir,
+}
+
+impl FaultyRegistry {
+    pub async fn start(seed: u64) -> Self {
+        let storage = tempfile::tempdir().unwrap();
+        let faults = thaw_registry::Faults::new(seed);
+        let config = thaw_registry::RegistryConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            storage.path().to_str().unwrap(),
+        );
+        let options = thaw_registry::ServeOptions::default().with_faults(faults.clone());
+        let running = thaw_registry::spawn_with(config, options).await.expect("starting thaw-registry");
+        Self { running, faults, _storage: storage }
+    }
+
+    pub fn host(&self) -> String {
+        self.running.addr().to_string()
+    }
+}
