@@ -13,7 +13,8 @@
 #   7. bench-smoke        the benchmark runner at --quick scale on the quick corpus (real QEMU
 #                         guests, made once into target/corpus-quick): thaw, oras-py +
 #                         docker-registry and whole-file S3 in one run, every restore checked
-#                         byte for byte; a smoke test, nothing timed is asserted
+#                         byte for byte, then the load test at --quick scale (16 clients, zero
+#                         errors and zero corrupt pulls required); nothing timed is asserted
 #   8. deploy-check       deploy/check.sh: kubectl parses every manifest offline (no cluster
 #                         here), structural checks of what thaw relies on
 #   9. fuzz-smoke         scripts/fuzz.sh 10: every cargo-fuzz target (fuzz/) replays its saved
@@ -120,7 +121,7 @@ THAW_TEST_STORAGE=s3 cargo test -p thaw-registry --locked --no-fail-fast \
   --test conformance --test bad_input --test dedup_storage 2>&1 | tee -a "$test_log"
 end
 
-begin bench-smoke "corpus --quick, then cargo run -p thaw-integration --bin bench -- --quick"
+begin bench-smoke "corpus --quick, then bench --quick and loadtest --quick"
 # make-corpus.sh skips snapshots already built with the same settings, and installs the
 # Debian packages it needs (qemu-system-x86, a guest kernel, busybox) only when missing.
 bash integration/corpus/make-corpus.sh --quick </dev/null
@@ -128,10 +129,13 @@ bash integration/corpus/make-corpus.sh --quick </dev/null
 # package with integration tests gets its binaries built), with the workspace's unified
 # features: run them as they are rather than rebuild with `cargo run -p`'s feature set.
 bin_dir=${CARGO_TARGET_DIR:-target}/debug
-for b in bench thaw thaw-registry; do
+for b in bench loadtest thaw thaw-registry thaw-node-cache thaw-extender; do
   [[ -x $bin_dir/$b ]] || { echo "$bin_dir/$b is missing: the test stage should have built it" >&2; exit 1; }
 done
 "$bin_dir/bench" --quick </dev/null
+# 16 clients pushing and pulling mixed snapshots for 15 s; exits non-zero on any error or
+# corrupt pull. Writes its report under target/loadtest/, not over docs/benchmarks/load.md.
+"$bin_dir/loadtest" --quick --registry-bin "$bin_dir/thaw-registry" </dev/null
 end
 
 begin deploy-check "deploy/check.sh: every manifest parsed by kubectl offline, structure checked"

@@ -15,6 +15,7 @@ use anyhow::{ensure, Context, Result};
 /// is assumed (the run fails loudly if the address is taken).
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 77, 1);
 const NS_IP: &str = "10.201.77.2/30";
+const NS_ADDR: Ipv4Addr = Ipv4Addr::new(10, 201, 77, 2);
 
 /// Where the clients of one set of measurements run.
 #[derive(Debug, Clone)]
@@ -23,13 +24,20 @@ pub(crate) struct Net {
     pub(crate) ns: Option<String>,
     /// The address the proxies listen on and clients connect to.
     pub(crate) server_ip: IpAddr,
+    /// The address clients (and daemons run as clients, the node caches) have there.
+    pub(crate) client_ip: IpAddr,
     /// For the report: "loopback" or "N Mbit/s link".
     pub(crate) label: String,
 }
 
 impl Net {
     pub(crate) fn loopback() -> Self {
-        Self { ns: None, server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST), label: "loopback".into() }
+        Self {
+            ns: None,
+            server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            label: "loopback".into(),
+        }
     }
 
     /// A command that runs `program` where this network's clients run.
@@ -80,6 +88,7 @@ impl Link {
             net: Net {
                 ns: Some(ns.clone()),
                 server_ip: IpAddr::V4(HOST_IP),
+                client_ip: IpAddr::V4(NS_ADDR),
                 label: format!("{mbit} Mbit/s link"),
             },
         };

@@ -15,10 +15,12 @@
 //! byte-counting proxy, so bytes on the wire are counted the same way for all three.
 //! Nothing is asserted: this is a benchmark, not a test.
 
+mod cluster;
 #[path = "../../../../registry/tests/common/garage.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod garage;
 mod link;
+mod nodes_report;
 mod plot;
 mod proxy;
 mod report;
@@ -46,7 +48,10 @@ const USAGE: &str =
                  benchmarks/*.png beside it
   --work DIR     scratch space for servers and restores (default target/bench-work)
   --link-mbit N  also run every scenario with the clients behind an N Mbit/s link (a network
-                 namespace, a veth pair and tc tbf on both ends; needs root and iproute2)";
+                 namespace, a veth pair and tc tbf on both ends; needs root and iproute2);
+                 the node caches of the node-side scenarios run behind it too
+  --nodes N      node caches in the P2P scenario, one warm and N-1 cold (default 4,
+                 --quick 2)";
 
 /// Scenario names, in report order.
 pub(crate) const PUSH_BASE: &str = "push the corpus";
@@ -60,11 +65,13 @@ pub(crate) struct Args {
     pub(crate) out: PathBuf,
     pub(crate) work: PathBuf,
     pub(crate) link_mbit: Option<u32>,
+    pub(crate) nodes: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut quick = false;
     let (mut corpus, mut reps, mut out, mut work, mut link_mbit) = (None, None, None, None, None);
+    let mut nodes = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -88,6 +95,14 @@ fn parse_args() -> Result<Args, String> {
                         .ok_or("--link-mbit needs a rate in Mbit/s from 1 to 100000")?,
                 )
             }
+            "--nodes" => {
+                nodes = Some(
+                    it.next()
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .filter(|&n| (2..=16).contains(&n))
+                        .ok_or("--nodes needs a number from 2 to 16")?,
+                )
+            }
             "-h" | "--help" => return Err(String::new()),
             s => return Err(format!("unexpected argument {s}")),
         }
@@ -101,6 +116,7 @@ fn parse_args() -> Result<Args, String> {
         }),
         work: work.unwrap_or_else(|| PathBuf::from("target/bench-work")),
         link_mbit,
+        nodes: nodes.unwrap_or(if quick { 2 } else { 4 }),
     })
 }
 
@@ -112,6 +128,7 @@ pub(crate) struct Tools {
     pub(crate) oras_script: PathBuf,
     /// `None` with the reason when Garage cannot be found.
     pub(crate) garage: Result<PathBuf, String>,
+    pub(crate) daemons: cluster::Daemons,
 }
 
 fn find_tools() -> Result<Tools> {
@@ -119,11 +136,15 @@ fn find_tools() -> Result<Tools> {
     let bin_dir = exe.parent().context("the bench binary has no directory")?;
     let thaw = bin_dir.join("thaw");
     let registry = bin_dir.join("thaw-registry");
-    for p in [&thaw, &registry] {
+    let daemons = cluster::Daemons {
+        node_cache: bin_dir.join("thaw-node-cache"),
+        extender: bin_dir.join("thaw-extender"),
+    };
+    for p in [&thaw, &registry, &daemons.node_cache, &daemons.extender] {
         ensure!(
             p.is_file(),
-            "{} is missing: build it next to the bench with \
-             `cargo build --release --locked -p thaw-registry -p thaw-client`",
+            "{} is missing: build it next to the bench with `cargo build --release --locked \
+             -p thaw-registry -p thaw-client -p thaw-node-cache -p thaw-extender`",
             p.display()
         );
     }
@@ -135,7 +156,7 @@ fn find_tools() -> Result<Tools> {
     );
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let garage = find_garage();
-    Ok(Tools { thaw, registry, python, oras_script, garage })
+    Ok(Tools { thaw, registry, python, oras_script, garage, daemons })
 }
 
 /// Garage as the S3 tests find it (`THAW_GARAGE`, `PATH`, `~/.cargo/bin`), without
@@ -212,6 +233,9 @@ pub(crate) struct Measured {
     pub(crate) stored: BTreeMap<Kind, Vec<u64>>,
     /// Why a system did not run.
     pub(crate) skipped: BTreeMap<Kind, String>,
+    /// Node-cache and P2P scenarios, by network.
+    pub(crate) nodes: BTreeMap<usize, cluster::NodeResults>,
+    pub(crate) extender: Option<cluster::ExtenderResults>,
 }
 
 /// Fails unless every file of `src` is in `dst` with the same bytes.
@@ -335,8 +359,48 @@ fn run(args: &Args) -> Result<()> {
                 let dir = work.join(format!("net{ni}-rep{rep}-{}", kind.short()));
                 std::fs::create_dir_all(&dir)?;
                 eprintln!("bench: {}, repetition {}/{}: {}", net.label, rep + 1, args.reps, kind.label());
+                if kind == Kind::Thaw {
+                    let mut thaw = Thaw::start(&tools.registry, &tools.thaw, &dir, net)?;
+                    run_scenarios(ni, kind, &mut thaw, &plan, &dir, &mut measured)?;
+                    if rep == 0 {
+                        // The node-side scenarios repeat on their own, against this
+                        // registry, which now holds the whole corpus.
+                        eprintln!("bench: {}: node caches, {} node(s) for P2P", net.label, args.nodes);
+                        let node_dir = dir.join("nodes");
+                        let results = cluster::run_node_scenarios(
+                            &tools.daemons,
+                            thaw.proxy(),
+                            net,
+                            &plan.previous,
+                            &plan.new,
+                            &node_dir,
+                            args.reps,
+                            args.nodes,
+                        )?;
+                        measured.nodes.insert(ni, results);
+                        if ni == 0 {
+                            eprintln!("bench: loopback: thaw-extender");
+                            let mut all: Vec<&Snapshot> = plan.base.iter().collect();
+                            all.push(&plan.new);
+                            let ext =
+                                cluster::run_extender(&tools.daemons, thaw.proxy(), &all, &plan.new, &dir)?;
+                            eprintln!(
+                                "bench:   extender {} nodes: /prioritize p50 {:.2} ms p99 {:.2} ms, /filter p50 {:.2} ms p99 {:.2} ms",
+                                ext.nodes,
+                                cluster::percentile(&ext.prioritize_ms, 0.5),
+                                cluster::percentile(&ext.prioritize_ms, 0.99),
+                                cluster::percentile(&ext.filter_ms, 0.5),
+                                cluster::percentile(&ext.filter_ms, 0.99)
+                            );
+                            measured.extender = Some(ext);
+                        }
+                    }
+                    drop(thaw);
+                    std::fs::remove_dir_all(&dir)?;
+                    continue;
+                }
                 let mut system: Box<dyn System> = match kind {
-                    Kind::Thaw => Box::new(Thaw::start(&tools.registry, &tools.thaw, &dir, net)?),
+                    Kind::Thaw => unreachable!("run above"),
                     Kind::Oras => Box::new(Oras::start(&tools.python, &tools.oras_script, &dir, net)?),
                     Kind::S3 => match (&garage, &garage_proxy) {
                         (Some(g), Some(proxy)) => Box::new(S3::new(

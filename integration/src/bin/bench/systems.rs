@@ -88,7 +88,7 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(mut cmd: Command, what: &str, log: &Path) -> Result<Self> {
+    pub(crate) fn spawn(mut cmd: Command, what: &str, log: &Path) -> Result<Self> {
         let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -100,7 +100,7 @@ impl Daemon {
     }
 
     /// Waits until `addr` accepts connections, failing if the process exits first.
-    fn wait_listening(&mut self, addr: SocketAddr, log: &Path) -> Result<()> {
+    pub(crate) fn wait_listening(&mut self, addr: SocketAddr, log: &Path) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             if let Some(status) = self.child.try_wait()? {
@@ -126,6 +126,12 @@ impl Drop for Daemon {
 
 pub(crate) fn free_addr() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// A port free on the host's loopback, used for daemons in the link's namespace too (where
+/// nothing else listens).
+pub(crate) fn free_port() -> Result<u16> {
+    Ok(free_addr()?.port())
 }
 
 /// Runs a client to completion (killed after [`CLIENT_DEADLINE`]); returns its stdout and
@@ -177,7 +183,7 @@ fn run_client(mut cmd: Command) -> Result<(Vec<u8>, f64)> {
 
 /// Waits a moment for the proxy's pipe threads to count the last bytes of a finished
 /// exchange, then returns the traffic since `before`.
-fn wire_since(proxy: &Proxy, before: Wire) -> Wire {
+pub(crate) fn wire_since(proxy: &Proxy, before: Wire) -> Wire {
     std::thread::sleep(Duration::from_millis(50));
     proxy.wire().since(before)
 }
@@ -200,7 +206,7 @@ pub(crate) fn dir_bytes(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-fn reference(proxy: &Proxy, snap: &Snapshot) -> String {
+pub(crate) fn reference(proxy: &Proxy, snap: &Snapshot) -> String {
     format!("{}/bench/{}:{}", proxy.addr(), snap.function, snap.revision)
 }
 
@@ -236,6 +242,11 @@ impl Thaw {
             cli: cli.to_owned(),
             net: net.clone(),
         })
+    }
+
+    /// The byte-counting proxy in front of the registry, for the node-side scenarios.
+    pub(crate) fn proxy(&self) -> &Proxy {
+        &self.proxy
     }
 
     fn cli(&self) -> Command {
