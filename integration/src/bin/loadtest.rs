@@ -765,7 +765,7 @@ fn report(
     let secs = elapsed.as_secs_f64();
     let mut md = String::new();
     let ok = outcome.errors.is_empty() && outcome.corrupt.is_empty();
-    md.push_str("# Load test\n\n");
+    md.push_str("### Load test: concurrent clients pushing and pulling mixed snapshots\n\n");
     md.push_str(&format!(
         "Written by `cargo run -p thaw-integration --release --bin loadtest{}` (issue #9). {} concurrent clients \
          (tokio tasks, each with its own `thaw_client::Registry`) against one `thaw-registry` process \
