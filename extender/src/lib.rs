@@ -296,18 +296,7 @@ async fn filter(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(a) => a,
         Err(r) => return r.into_response(),
     };
-    let (nodes, node_names) = match (args.node_names, args.nodes) {
-        (Some(names), _) => (None, Some(names)),
-        (None, Some(nodes)) => (Some(nodes), None),
-        (None, None) => (None, Some(Vec::new())),
-    };
-    let result = ExtenderFilterResult {
-        nodes,
-        node_names,
-        failed_nodes: Default::default(),
-        failed_and_unresolvable_nodes: Default::default(),
-        error: String::new(),
-    };
+    let result = ExtenderFilterResult::keep_all(args);
     state.metrics.observe(Verb::Filter, started.elapsed());
     Json(result).into_response()
 }

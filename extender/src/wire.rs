@@ -122,3 +122,22 @@ pub struct ExtenderFilterResult {
     #[serde(rename = "Error")]
     pub error: String,
 }
+
+impl ExtenderFilterResult {
+    /// The answer that filters nothing out: the request's nodes back, in the form it sent
+    /// them (`NodeNames` when present, else `Nodes`; an empty name list when neither).
+    pub fn keep_all(args: ExtenderArgs) -> Self {
+        let (nodes, node_names) = match (args.node_names, args.nodes) {
+            (Some(names), _) => (None, Some(names)),
+            (None, Some(nodes)) => (Some(nodes), None),
+            (None, None) => (None, Some(Vec::new())),
+        };
+        Self {
+            nodes,
+            node_names,
+            failed_nodes: Default::default(),
+            failed_and_unresolvable_nodes: Default::default(),
+            error: String::new(),
+        }
+    }
+}

@@ -153,7 +153,7 @@ async fn check_basic(auth: &Arc<Auth>, encoded: &str) -> Option<String> {
 /// upload session (the spec's fallback), so a mount cannot read another tenant's blob.
 fn drop_unreadable_mount(auth: &Auth, caller: &Caller, request: &mut Request) {
     let query = request.uri().query().unwrap_or("").to_owned();
-    let pairs = query_pairs(&query);
+    let pairs = crate::handlers::query_pairs(&query);
     let Some(from) = pairs.iter().find(|(k, _)| k == "from").map(|(_, v)| v.clone()) else { return };
     let readable = Access::Repository(from, Action::Pull);
     let allowed = match caller {
@@ -198,7 +198,7 @@ async fn token_endpoint(
                 .into_response();
         }
     };
-    let pairs = query_pairs(uri.query().unwrap_or(""));
+    let pairs = crate::handlers::query_pairs(uri.query().unwrap_or(""));
     let scopes: Vec<String> = pairs.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.clone()).collect();
     let (token, claims) = auth.issue(user.as_deref(), &scopes);
     tracing::debug!(user = claims.sub, granted = ?claims.access, "issued token");
@@ -209,35 +209,4 @@ async fn token_endpoint(
         "issued_at": rfc3339(claims.iat.min(now_secs())),
     });
     axum::Json(body).into_response()
-}
-
-fn query_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let s = s.replace('+', " ");
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (b[i], s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
