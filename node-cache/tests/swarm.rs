@@ -190,3 +190,39 @@ async fn a_member_that_serves_corrupt_chunks_costs_time_not_correctness() {
     eprintln!("corrupt answers caught: {corrupt}");
     assert!(corrupt > 0, "no node asked the liar, so the test tested nothing");
 }
+
+/// A swarm member prefetches only what it lacks: with the previous revision cached, the
+/// registry sends a P2P node no more than it sends a node with P2P off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_previous_revision_cached_a_p2p_node_fetches_only_what_it_lacks() {
+    let registry = ThawRegistry::start().await;
+    let counted = Arc::new(AtomicU64::new(0));
+    let via = proxy(registry.host(), counted.clone(), Duration::ZERO).await;
+    let v1 = push(&via, "fn/rev:v1", snapshot()).await;
+    let v2 = push(&via, "fn/rev:v2", support::revision(&v1.data, 16, 9)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let token = token_file(tmp.path());
+    let mut sent = Vec::new();
+    for p2p in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<&str> =
+            if p2p { vec!["--peer-token-file", &token, "--peer-listen", "auto"] } else { vec![] };
+        let node = NodeCache::start_with(&via, dir.path(), 1 << 30, &format!("rev-{p2p}"), &args).await;
+        assert_files(&node.ensure(&v1.reference).await, &v1.data);
+        counted.store(0, Ordering::SeqCst);
+        assert_files(&node.ensure(&v2.reference).await, &v2.data);
+        sent.push(counted.swap(0, Ordering::SeqCst));
+    }
+    eprintln!(
+        "revision 2 with revision 1 cached: registry sent {} bytes (P2P off), {} (P2P on)",
+        sent[0], sent[1]
+    );
+    let copy = one_copy(&via, &counted, &v2).await;
+    assert!(sent[0] * 4 < copy, "the test needs a small change: {} of {copy} bytes", sent[0]);
+    assert!(
+        sent[1] * 10 <= sent[0] * 11,
+        "P2P on: {} bytes, more than 1.1 x the {} with P2P off",
+        sent[1],
+        sent[0]
+    );
+}

@@ -186,7 +186,8 @@ impl Registry {
 
     /// Fetches chunks of `blob`, in order. The answer is checked to hold exactly the chunks
     /// asked for, in order; their content is checked by the caller (`EncodedChunk::decode`).
-    pub(crate) async fn fetch_chunks(
+    /// Public for the node cache, which keeps the frames to serve its peers.
+    pub async fn fetch_chunks(
         &self,
         repository: &str,
         blob: &Sha256Digest,

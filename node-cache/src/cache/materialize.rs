@@ -19,7 +19,7 @@ use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
 use crate::index::{ChunkLocation, FileRecord, SnapshotRecord};
 use crate::peer::fetch::{candidates, PeerSource, DIRECTORY_TIMEOUT};
-use crate::swarm::{Materializing, SwarmSource, GATHER, SWARM_REFRESH};
+use crate::swarm::{Materializing, RegistryFetch, SwarmSource, GATHER, SWARM_REFRESH};
 
 /// What one file of a snapshot being materialized needs.
 struct Planned {
@@ -166,7 +166,8 @@ impl Cache {
                 })
                 .collect();
             let size = planned.iter().map(|p| p.layer.descriptor.size).sum();
-            let registered = self.swarm.register(digest, Materializing::new(what.clone(), size, files));
+            let m = Materializing::new(what.clone(), size, files, |id| sources.contains_key(id));
+            let registered = self.swarm.register(digest, m);
             self.holdings_changed.notify_one();
             registered
         });
@@ -177,9 +178,16 @@ impl Cache {
         let writing = self.write_files(reference, digest, planned, &sources, peers.as_ref(), &work);
         let result = match &registered {
             Some(r) => {
+                let prefetch = async {
+                    match &peers {
+                        Some(p) => p.prefetch().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     result = writing => result,
                     never = self.refresh_swarm(digest, &r.materializing) => match never {},
+                    never = prefetch => match never {},
                 }
             }
             None => writing.await,
@@ -373,6 +381,7 @@ impl Cache {
             self.peer_http.clone(),
             options.clone(),
             self.peers.clone(),
+            RegistryFetch { registry: self.registry.clone(), repository: reference.repository().to_owned() },
         )))
     }
 

@@ -126,7 +126,7 @@ pub struct Cache {
     config: CacheConfig,
     dirs: Dirs,
     index: Index,
-    registry: Registry,
+    registry: Arc<Registry>,
     state: Mutex<State>,
     /// One lock per snapshot digest: held while it is materialized or evicted, so
     /// concurrent `ensure`s of one snapshot do the work once.
@@ -230,7 +230,7 @@ impl Cache {
             }
         }
         state.refs = loaded.refs.into_iter().collect();
-        let registry = Registry::new(&config.registry, &config.client, Arc::new(Stats::new()))?;
+        let registry = Arc::new(Registry::new(&config.registry, &config.client, Arc::new(Stats::new()))?);
         let cache = Arc::new(Self {
             dirs,
             index,

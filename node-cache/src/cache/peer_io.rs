@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use thaw_schema::frame::EncodedChunk;
 use thaw_schema::{ChunkId, Sha256Digest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -57,12 +58,18 @@ impl Cache {
                         let rec = st.snapshots.get(&loc.snapshot)?;
                         let file = rec.files.get(usize::from(loc.file))?;
                         let path = self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title);
-                        Some(ChunkPlace { path, offset: loc.offset, len: loc.len, in_progress: false })
+                        Some(ChunkPlace {
+                            path,
+                            offset: loc.offset,
+                            len: loc.len,
+                            in_progress: false,
+                            frame: None,
+                        })
                     })
                 });
                 complete.or_else(|| {
-                    let (path, offset, len) = self.swarm.locate(id)?;
-                    Some(ChunkPlace { path, offset, len, in_progress: true })
+                    let (path, offset, len, frame) = self.swarm.locate(id)?;
+                    Some(ChunkPlace { path, offset, len, in_progress: true, frame })
                 })
             })
             .collect())
@@ -82,6 +89,9 @@ pub(crate) struct ChunkPlace {
     pub(crate) len: u32,
     /// In the work file of a snapshot being materialized, perhaps not written yet.
     pub(crate) in_progress: bool,
+    /// Its frame, held in memory by a materialization (checked when it arrived): served
+    /// as is, without reading the file.
+    pub(crate) frame: Option<Arc<EncodedChunk>>,
 }
 
 #[cfg(test)]

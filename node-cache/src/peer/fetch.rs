@@ -18,7 +18,7 @@ use thaw_client::blob::ChunkSource;
 use thaw_client::Reference;
 use thaw_schema::batch::{parse_batch, ENTRY_HEADER_LEN};
 use thaw_schema::dto::encode_chunk_id_query;
-use thaw_schema::frame::MAX_PAYLOAD_LEN;
+use thaw_schema::frame::{EncodedChunk, MAX_PAYLOAD_LEN};
 use thaw_schema::holdings::NodeDirectory;
 use thaw_schema::{media, ChunkId, Sha256Digest};
 
@@ -57,9 +57,11 @@ pub(crate) fn candidates(
         }
         let same_snapshot =
             node.snapshots.iter().any(|s| s.digest == *digest && s.cached_bytes == s.size_bytes);
+        // In-progress announcements hold nothing to count on: the swarm asks those nodes.
         let same_repository = node.snapshots.iter().any(|s| {
-            Reference::parse(&s.reference)
-                .is_ok_and(|r| r.registry() == registry && r.repository() == repository)
+            !s.is_in_progress()
+                && Reference::parse(&s.reference)
+                    .is_ok_and(|r| r.registry() == registry && r.repository() == repository)
         });
         if same_snapshot || same_repository {
             out.push(Peer { node: node.node.clone(), endpoint: endpoint.clone(), same_snapshot });
@@ -142,6 +144,17 @@ pub(crate) async fn ask(
     peer: &Peer,
     ids: &[(ChunkId, u32)],
 ) -> Result<Vec<(ChunkId, Vec<u8>)>, (Failure, String)> {
+    let chunks = ask_frames(http, options, peer, ids).await?;
+    Ok(chunks.into_iter().map(|(id, data, _)| (id, data)).collect())
+}
+
+/// [`ask`], keeping each chunk's frame as the peer sent it (the swarm serves it on as is).
+pub(crate) async fn ask_frames(
+    http: &reqwest::Client,
+    options: &PeerOptions,
+    peer: &Peer,
+    ids: &[(ChunkId, u32)],
+) -> Result<Vec<(ChunkId, Vec<u8>, EncodedChunk)>, (Failure, String)> {
     let scheme = if options.tls_ca.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{}{CHUNKS_PATH}", peer.endpoint);
     let query: Vec<ChunkId> = ids.iter().map(|(id, _)| *id).collect();
@@ -191,7 +204,7 @@ pub(crate) async fn ask(
                 return Err((Failure::Corrupt, format!("sent chunk {id} with the wrong length")));
             }
             let data = chunk.decode(&id).map_err(|e| (Failure::Corrupt, format!("chunk {id}: {e}")))?;
-            out.push((id, data));
+            out.push((id, data, chunk));
         }
         Ok(out)
     })

@@ -199,9 +199,16 @@ fn build_answer(cache: &Cache, ids: &[ChunkId], files: &[Option<ChunkPlace>]) ->
     let mut open: HashMap<PathBuf, Option<File>> = HashMap::new();
     let (mut raw, mut count, mut corrupt) = (0u64, 0u64, 0u64);
     for (id, place) in ids.iter().zip(files) {
-        let Some(ChunkPlace { path, offset, len, in_progress }) = place else { continue };
+        let Some(ChunkPlace { path, offset, len, in_progress, frame }) = place else { continue };
         if raw + u64::from(*len) > MAX_ANSWER_RAW_BYTES {
             break;
+        }
+        if let Some(frame) = frame {
+            // Held by a materialization in progress, checked on arrival: passed on as it came.
+            encode_entry(&mut out, id, frame);
+            raw += u64::from(*len);
+            count += 1;
+            continue;
         }
         let file = open.entry(path.clone()).or_insert_with(|| File::open(path).ok());
         let Some(file) = file else { continue };
