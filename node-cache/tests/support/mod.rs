@@ -48,6 +48,45 @@ pub fn revision(base: &SnapshotData, changed: usize, seed: u64) -> SnapshotData 
     SnapshotData { memory, vmstate: base.vmstate.clone(), disk, info }
 }
 
+/// How a test process is started: a command prefix put before the program (for example
+/// `ip netns exec NS`, to run it in a network namespace) and the IP address its listeners
+/// bind. The default is no prefix and loopback, as every test but the P2P benchmark uses.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub prefix: Vec<String>,
+    pub ip: String,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self { prefix: Vec::new(), ip: "127.0.0.1".into() }
+    }
+}
+
+impl Launch {
+    /// Runs the process in network namespace `ns`, listening on `ip` (an address of `ns`).
+    pub fn netns(ns: &str, ip: &str) -> Self {
+        Self { prefix: ["ip", "netns", "exec", ns].map(String::from).to_vec(), ip: ip.to_owned() }
+    }
+
+    /// `program` behind the prefix. Ports are picked by [`free_port`] on loopback of this
+    /// namespace: a namespace of its own has every port free anyway.
+    fn command(&self, program: &Path) -> Command {
+        match self.prefix.split_first() {
+            None => Command::new(program),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+        }
+    }
+
+    fn free_addr(&self) -> String {
+        format!("{}:{}", self.ip, free_port())
+    }
+}
+
 /// The `thaw-registry` binary of this target directory, as a separate process on a free
 /// loopback port with its storage in a temporary directory; killed on drop. A test binary
 /// runs from `target/<profile>/deps/`, the registry's binary is in `target/<profile>/`:
@@ -61,6 +100,11 @@ pub struct RegistryProcess {
 
 impl RegistryProcess {
     pub async fn start() -> Self {
+        Self::start_in(&Launch::default()).await
+    }
+
+    /// Starts the registry as `launch` says (another namespace, another address).
+    pub async fn start_in(launch: &Launch) -> Self {
         let exe = std::env::current_exe().expect("current_exe");
         let bin = exe
             .parent()
@@ -73,8 +117,9 @@ impl RegistryProcess {
             bin.display()
         );
         let storage = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(&bin)
+        let addr = launch.free_addr();
+        let child = launch
+            .command(&bin)
             .args(["--listen", &addr, "--storage"])
             .arg(storage.path())
             .env("THAW_LOG", "warn")
@@ -95,6 +140,11 @@ impl RegistryProcess {
 
     pub fn host(&self) -> String {
         self.addr.clone()
+    }
+
+    /// The registry's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -117,6 +167,8 @@ pub struct NodeCache {
     extra: Vec<String>,
     /// Where the peer service listens, when `extra` asks for one (`--peer-listen auto`).
     pub peer_addr: Option<String>,
+    /// How the process is started (loopback unless [`NodeCache::start_in`] says otherwise).
+    launch: Launch,
     http: reqwest::Client,
 }
 
@@ -128,6 +180,19 @@ impl NodeCache {
 
     /// Starts a node cache with more arguments; `--peer-listen auto` picks a free port.
     pub async fn start_with(registry: &str, dir: &Path, capacity: u64, node: &str, extra: &[&str]) -> Self {
+        Self::start_in(&Launch::default(), registry, dir, capacity, node, extra).await
+    }
+
+    /// [`NodeCache::start_with`], started as `launch` says: both listeners (and
+    /// `--peer-listen auto`) bind `launch.ip`.
+    pub async fn start_in(
+        launch: &Launch,
+        registry: &str,
+        dir: &Path,
+        capacity: u64,
+        node: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut n = Self {
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             peer_addr: None,
@@ -137,6 +202,7 @@ impl NodeCache {
             registry: registry.to_owned(),
             capacity,
             node: node.to_owned(),
+            launch: launch.clone(),
             http: reqwest::Client::new(),
         };
         n.spawn().await;
@@ -144,16 +210,18 @@ impl NodeCache {
     }
 
     async fn spawn(&mut self) {
-        self.addr = format!("127.0.0.1:{}", free_port());
+        self.addr = self.launch.free_addr();
         let mut extra = self.extra.clone();
         if let Some(i) = extra.iter().position(|a| a == "--peer-listen") {
             if extra.get(i + 1).map(String::as_str) == Some("auto") {
-                let addr = format!("127.0.0.1:{}", free_port());
+                let addr = self.launch.free_addr();
                 extra[i + 1] = addr.clone();
                 self.peer_addr = Some(addr);
             }
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_thaw-node-cache"))
+        let child = self
+            .launch
+            .command(Path::new(env!("CARGO_BIN_EXE_thaw-node-cache")))
             .args(["--registry", &format!("http://{}", self.registry)])
             .arg("--cache-dir")
             .arg(&self.dir)
@@ -184,6 +252,11 @@ impl NodeCache {
             assert!(Instant::now() < deadline, "thaw-node-cache did not answer on {}", self.addr);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The running process's id (`ip netns exec` execs the program: the same process).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL, then wait for the process to be gone.
