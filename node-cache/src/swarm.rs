@@ -13,8 +13,9 @@
 //!
 //! - each node fetches the segments it owns from a member holding the complete snapshot if
 //!   there is one, else from the registry, and keeps the frames as they came;
-//! - its member workers ask the members whose bitmaps show them for the chunks it lacks,
-//!   spread by chunk id; while only the first holder has a chunk, only [`FANOUT`] members
+//! - its member workers ask the members whose bitmaps show them for the chunks it lacks
+//!   (not the segment's owner when another member has them, then the member asked least,
+//!   then spread by chunk id); while only the first holder has a chunk, only [`FANOUT`] members
 //!   take it from there and the rest from them (a tree, so no uplink sends a segment to
 //!   every member at once). What arrives is checked and held, and served on at once.
 //!
@@ -52,7 +53,8 @@ const POLL: Duration = Duration::from_millis(50);
 
 /// How long a node that starts a materialization waits for its announcement (and the other
 /// members') to reach the directory before the first batch: the publisher's debounce plus
-/// one round trip.
+/// one round trip. (150 ms, with announcements published at once, made 2 and 4 nodes take
+/// 1.15 and 1.28 copies from the registry: D21.)
 pub(crate) const GATHER: Duration = Duration::from_millis(400);
 
 /// How often a materialization looks for new swarm members in the directory.
@@ -260,15 +262,23 @@ impl Materializing {
     }
 
     /// Keeps checked frames to serve, and wakes the batches waiting for chunks.
-    fn hold(&self, frames: impl IntoIterator<Item = (ChunkId, Arc<EncodedChunk>)>) {
-        self.hold_ready(frames.into_iter().map(|(id, f)| (id, f, None)));
+    /// `from_peers`: they came from peers (they count as such when the client takes them).
+    fn hold(&self, frames: impl IntoIterator<Item = (ChunkId, Arc<EncodedChunk>)>, from_peers: bool) {
+        self.hold_ready(frames.into_iter().map(|(id, f)| (id, f, None)), from_peers);
     }
 
     /// [`Self::hold`], with the decoded bytes of chunks the client has not taken yet.
-    fn hold_ready(&self, frames: impl IntoIterator<Item = (ChunkId, Arc<EncodedChunk>, Option<Vec<u8>>)>) {
+    fn hold_ready(
+        &self,
+        frames: impl IntoIterator<Item = (ChunkId, Arc<EncodedChunk>, Option<Vec<u8>>)>,
+        from_peers: bool,
+    ) {
         {
             let mut held = self.held.lock().expect("held lock");
             for (id, frame, data) in frames {
+                if from_peers {
+                    held.from_peers.insert(id);
+                }
                 let len = frame.payload.len() as u64;
                 if held.frames.insert(id, frame).is_none() {
                     held.bytes += len;
@@ -513,6 +523,8 @@ pub(crate) struct SwarmSource {
     /// Members found holding the complete snapshot: they own no segment (they fetch
     /// nothing); the owners fetch their segments from them instead of the registry.
     complete: Mutex<HashSet<String>>,
+    /// This node's member asks in flight, by member endpoint.
+    asking_from: Mutex<HashMap<String, usize>>,
     delivered: AtomicU64,
 }
 
@@ -548,6 +560,7 @@ impl SwarmSource {
             repository: registry.repository,
             looks: Mutex::default(),
             complete: Mutex::default(),
+            asking_from: Mutex::default(),
             delivered: AtomicU64::new(0),
         }
     }
@@ -676,8 +689,8 @@ impl SwarmSource {
                         let arrived: HashSet<ChunkId> = chunks.iter().map(|(id, _, _)| *id).collect();
                         m.hold_ready(
                             chunks.into_iter().map(|(id, data, frame)| (id, Arc::new(frame), Some(data))),
+                            true,
                         );
-                        m.held.lock().expect("held lock").from_peers.extend(arrived.iter().copied());
                         ids.into_iter().filter(|id| !arrived.contains(id)).collect()
                     }
                     Err((why, detail)) => {
@@ -710,7 +723,7 @@ impl SwarmSource {
         };
         match checked {
             Ok(frames) => {
-                m.hold_ready(frames);
+                m.hold_ready(frames, false);
                 m.set_state(&blob, &segments, SegmentState::Done);
             }
             Err(e) => {
@@ -889,8 +902,8 @@ impl SwarmSource {
     }
 
     /// One step of a member worker: asks one member for the earliest chunks, in write
-    /// order, that this node lacks and that member has (up to a segment's worth, spread over
-    /// the members that have them by chunk id), and holds what arrives, checked. Answers
+    /// order, that this node lacks and that member has (up to a segment's worth), and holds
+    /// what arrives, checked. Answers
     /// whether anything arrived.
     async fn ask_members_once(&self) -> bool {
         let m = &self.materializing;
@@ -916,6 +929,7 @@ impl SwarmSource {
                 continue;
             }
             let look = self.recent_look(blob, POLL).await;
+            let owners = self.owners();
             let written = Materializing::written(file);
             let mut pick: Option<(usize, Vec<(ChunkId, u32)>)> = None;
             {
@@ -923,6 +937,8 @@ impl SwarmSource {
                 let mut asking = m.asking.lock().expect("asking lock");
                 let mut raw = 0u64;
                 let mut may_ask_first: HashMap<usize, bool> = HashMap::new();
+                let mut owner_of: HashMap<usize, String> = HashMap::new();
+                let busy_with = self.asking_from.lock().expect("asking lock").clone();
                 for (i, (id, _, len)) in file.chunks.iter().enumerate() {
                     if !lacking(&held, &asking, written, i) {
                         continue;
@@ -949,8 +965,20 @@ impl SwarmSource {
                             holders.clear();
                         }
                     }
-                    let Some(&holder) = holders.get(usize::from(id.as_bytes()[0]) % holders.len().max(1))
-                    else {
+                    // Of the holders: not the segment's owner when another has it (its
+                    // uplink is the one everyone starts from), then the one this node asks
+                    // least right now, then spread by chunk id.
+                    let segment = file.segment_of[i];
+                    let the_owner = owner_of.entry(segment).or_insert_with(|| {
+                        let first = &file.chunks[file.segments[segment].start].0;
+                        owner(first, &self.me, owners.keys().map(String::as_str)).to_owned()
+                    });
+                    let spread = usize::from(id.as_bytes()[0]);
+                    let Some(holder) = holders.iter().copied().min_by_key(|k| {
+                        let (name, endpoint, _) = &look.members[*k];
+                        let busy = busy_with.get(endpoint.as_str()).copied().unwrap_or(0);
+                        (name == the_owner, busy, (spread + k) % holders.len())
+                    }) else {
                         continue;
                     };
                     match &mut pick {
@@ -971,6 +999,7 @@ impl SwarmSource {
             }
             let Some((k, want)) = pick else { continue };
             let (name, endpoint, _) = &look.members[k];
+            *self.asking_from.lock().expect("asking lock").entry(endpoint.clone()).or_default() += 1;
             let peer = Peer { node: name.clone(), endpoint: endpoint.clone(), same_snapshot: false };
             let t = Instant::now();
             let answer = crate::peer::fetch::ask_frames(&self.http, &self.options, &peer, &want).await;
@@ -982,9 +1011,7 @@ impl SwarmSource {
                     let bytes: u64 = chunks.iter().map(|(_, d, _)| d.len() as u64).sum();
                     self.book.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
                     self.book.fetched_chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-                    let ids: Vec<ChunkId> = chunks.iter().map(|(id, _, _)| *id).collect();
-                    m.hold(chunks.into_iter().map(|(id, _, frame)| (id, Arc::new(frame))));
-                    m.held.lock().expect("held lock").from_peers.extend(ids);
+                    m.hold(chunks.into_iter().map(|(id, _, frame)| (id, Arc::new(frame))), true);
                 }
                 Err((why, detail)) => {
                     let detail = format!("swarm member {}: {detail}", peer.node);
@@ -994,6 +1021,9 @@ impl SwarmSource {
             let mut asking = m.asking.lock().expect("asking lock");
             for (id, _) in &want {
                 asking.remove(id);
+            }
+            if let Some(n) = self.asking_from.lock().expect("asking lock").get_mut(endpoint) {
+                *n -= 1;
             }
             // Nothing (a busy member answers 503, as nothing): wait before asking again.
             return got_any;
@@ -1072,7 +1102,7 @@ mod tests {
         };
         let blob = Sha256Digest::of(b"blob");
         let m = Materializing::new("r".into(), 1, vec![(blob, &recipe, path.clone())], |_| false);
-        m.hold([(ids[2], Arc::new(EncodedChunk::compress(&data[2], 1)))]);
+        m.hold([(ids[2], Arc::new(EncodedChunk::compress(&data[2], 1)))], true);
         assert_eq!(m.bitmap(&blob).unwrap(), (vec![0b100], 3), "the third is held, not written");
         assert_eq!(m.frame(&ids[2]).unwrap().decode(&ids[2]).unwrap(), data[2]);
         assert!(m.frame(&ids[0]).is_none());

@@ -197,8 +197,8 @@ impl Cache {
             Err(e) => {
                 fsutil::remove_all(&work);
                 if registered.is_some() {
-                    // No longer in progress: withdraw the announcement (after the debounce,
-                    // by when `registered` is dropped).
+                    // No longer in progress: withdraw the announcement.
+                    drop(registered);
                     self.holdings_changed.notify_one();
                 }
                 return Err(e);

@@ -209,7 +209,23 @@ impl NodeCache {
         n
     }
 
+    /// Starts the process, on new ports up to three times: a port found free here may be
+    /// taken in another network namespace, or by a process of an earlier round still exiting.
     async fn spawn(&mut self) {
+        for attempt in 1..=3 {
+            if self.spawn_once().await {
+                return;
+            }
+            eprintln!(
+                "thaw-node-cache {} exited at start (attempt {attempt}); trying other ports",
+                self.node
+            );
+        }
+        panic!("thaw-node-cache {} exited at start three times", self.node);
+    }
+
+    /// One start; `false` when the process exited before answering.
+    async fn spawn_once(&mut self) -> bool {
         self.addr = self.launch.free_addr();
         let mut extra = self.extra.clone();
         if let Some(i) = extra.iter().position(|a| a == "--peer-listen") {
@@ -247,11 +263,14 @@ impl NodeCache {
                 }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("thaw-node-cache exited at start: {status}");
+                eprintln!("thaw-node-cache exited at start: {status}");
+                self.child = None;
+                return false;
             }
             assert!(Instant::now() < deadline, "thaw-node-cache did not answer on {}", self.addr);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        true
     }
 
     /// The running process's id (`ip netns exec` execs the program: the same process).
