@@ -650,9 +650,51 @@ impl SwarmSource {
     /// Whether this node fetches segment `segment` of `file` (from a complete holder or the
     /// registry): it owns it among the owners, or its owner is marked bad.
     fn mine(&self, file: &WorkFile, segment: usize, members: &BTreeMap<String, String>) -> bool {
-        let first = &file.chunks[file.segments[segment].start].0;
-        let the_owner = owner(first, &self.me, members.keys().map(String::as_str));
+        let the_owner = self.segment_owner(file, segment, members);
         the_owner == self.me || self.book.is_bad(&members[the_owner])
+    }
+
+    /// The owner of `segment` of `file` among this node and `owners`.
+    fn segment_owner<'a>(
+        &'a self,
+        file: &WorkFile,
+        segment: usize,
+        owners: &'a BTreeMap<String, String>,
+    ) -> &'a str {
+        let first = &file.chunks[file.segments[segment].start].0;
+        owner(first, &self.me, owners.keys().map(String::as_str))
+    }
+
+    /// Asks the member `peer` for `want`, keeping the frames as sent; counts what arrives
+    /// in the peer metrics. `None` when it failed (the peer is then marked bad).
+    async fn ask_member(
+        &self,
+        peer: &Peer,
+        want: &[(ChunkId, u32)],
+    ) -> Option<Vec<(ChunkId, Vec<u8>, EncodedChunk)>> {
+        let asked_at = Instant::now();
+        let answer = crate::peer::fetch::ask_frames(&self.http, &self.options, peer, want).await;
+        tracing::debug!(
+            node = %self.me,
+            from = %peer.node,
+            asked = want.len(),
+            got = answer.as_ref().map_or(0, |c| c.len()),
+            ms = asked_at.elapsed().as_millis() as u64,
+            "member ask"
+        );
+        match answer {
+            Ok(chunks) => {
+                let bytes: u64 = chunks.iter().map(|(_, d, _)| d.len() as u64).sum();
+                self.book.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.book.fetched_chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                Some(chunks)
+            }
+            Err((why, detail)) => {
+                let detail = format!("swarm member {}: {detail}", peer.node);
+                self.book.failed(&peer.endpoint, why, &detail, self.options.penalty);
+                None
+            }
+        }
     }
 
     /// Fetches `segments` of `blob` (already claimed) from the registry in one request, and
@@ -681,11 +723,8 @@ impl SwarmSource {
                 let peer = Peer { node: name.to_owned(), endpoint: endpoint.to_owned(), same_snapshot: true };
                 let want: Vec<(ChunkId, u32)> =
                     ids.iter().map(|id| (*id, file.chunks[file.index[id]].2)).collect();
-                match crate::peer::fetch::ask_frames(&self.http, &self.options, &peer, &want).await {
-                    Ok(chunks) => {
-                        let bytes: u64 = chunks.iter().map(|(_, d, _)| d.len() as u64).sum();
-                        self.book.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-                        self.book.fetched_chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                match self.ask_member(&peer, &want).await {
+                    Some(chunks) => {
                         let arrived: HashSet<ChunkId> = chunks.iter().map(|(id, _, _)| *id).collect();
                         m.hold_ready(
                             chunks.into_iter().map(|(id, data, frame)| (id, Arc::new(frame), Some(data))),
@@ -693,11 +732,7 @@ impl SwarmSource {
                         );
                         ids.into_iter().filter(|id| !arrived.contains(id)).collect()
                     }
-                    Err((why, detail)) => {
-                        let detail = format!("node {}: {detail}", peer.node);
-                        self.book.failed(&peer.endpoint, why, &detail, self.options.penalty);
-                        ids
-                    }
+                    None => ids,
                 }
             }
             None => ids,
@@ -969,10 +1004,9 @@ impl SwarmSource {
                     // uplink is the one everyone starts from), then the one this node asks
                     // least right now, then spread by chunk id.
                     let segment = file.segment_of[i];
-                    let the_owner = owner_of.entry(segment).or_insert_with(|| {
-                        let first = &file.chunks[file.segments[segment].start].0;
-                        owner(first, &self.me, owners.keys().map(String::as_str)).to_owned()
-                    });
+                    let the_owner = owner_of
+                        .entry(segment)
+                        .or_insert_with(|| self.segment_owner(file, segment, &owners).to_owned());
                     let spread = usize::from(id.as_bytes()[0]);
                     let Some(holder) = holders.iter().copied().min_by_key(|k| {
                         let (name, endpoint, _) = &look.members[*k];
@@ -1001,22 +1035,10 @@ impl SwarmSource {
             let (name, endpoint, _) = &look.members[k];
             *self.asking_from.lock().expect("asking lock").entry(endpoint.clone()).or_default() += 1;
             let peer = Peer { node: name.clone(), endpoint: endpoint.clone(), same_snapshot: false };
-            let t = Instant::now();
-            let answer = crate::peer::fetch::ask_frames(&self.http, &self.options, &peer, &want).await;
-            tracing::debug!(node = %self.me, from = %peer.node, asked = want.len(), got = answer.as_ref().map_or(0, |c| c.len()), ms = t.elapsed().as_millis() as u64, "member ask");
             let mut got_any = false;
-            match answer {
-                Ok(chunks) => {
-                    got_any = !chunks.is_empty();
-                    let bytes: u64 = chunks.iter().map(|(_, d, _)| d.len() as u64).sum();
-                    self.book.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-                    self.book.fetched_chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-                    m.hold(chunks.into_iter().map(|(id, _, frame)| (id, Arc::new(frame))), true);
-                }
-                Err((why, detail)) => {
-                    let detail = format!("swarm member {}: {detail}", peer.node);
-                    self.book.failed(&peer.endpoint, why, &detail, self.options.penalty);
-                }
+            if let Some(chunks) = self.ask_member(&peer, &want).await {
+                got_any = !chunks.is_empty();
+                m.hold(chunks.into_iter().map(|(id, _, frame)| (id, Arc::new(frame))), true);
             }
             let mut asking = m.asking.lock().expect("asking lock");
             for (id, _) in &want {
