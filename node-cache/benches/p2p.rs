@@ -114,6 +114,9 @@ struct Row {
     /// CPU seconds the registry process used in the round (network namespaces only: in
     /// loopback mode the registry runs inside this process).
     registry_cpu_s: Option<f64>,
+    /// Share of the whole machine's CPU time that was busy during the round: near 100 %, the
+    /// time to the last node measures this machine's cores, not the network.
+    machine_busy: f64,
 }
 
 /// Where the registry runs and how its egress is counted.
@@ -183,6 +186,24 @@ fn cpu_seconds(pid: u32, ticks_per_s: f64) -> f64 {
     (ticks(11) + ticks(12)) / ticks_per_s
 }
 
+/// The machine's busy and total CPU ticks so far (`/proc/stat`; idle and iowait count as
+/// not busy).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
 fn clock_ticks() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -221,10 +242,14 @@ async fn run(
     }
     let before = harness.egress();
     let registry_cpu = harness.registry_cpu_s(ticks);
+    let machine_before = machine_ticks();
     let started = Instant::now();
     let answers: Vec<Value> =
         futures::future::join_all(nodes.iter().map(|node| node.ensure(reference))).await;
     let last_s = started.elapsed().as_secs_f64();
+    let machine_after = machine_ticks();
+    let machine_busy = 100.0 * (machine_after.0 - machine_before.0) as f64
+        / (machine_after.1 - machine_before.1).max(1) as f64;
     let egress = harness.egress() - before;
     let registry_cpu_s = harness.registry_cpu_s(ticks).zip(registry_cpu).map(|(after, b)| after - b);
     let cpu_s = nodes.iter().filter_map(NodeCache::pid).map(|pid| cpu_seconds(pid, ticks)).collect();
@@ -238,6 +263,7 @@ async fn run(
         registry: sum("registry"),
         cpu_s,
         registry_cpu_s,
+        machine_busy,
     };
     drop(nodes);
     drop(seed);
@@ -362,14 +388,15 @@ async fn main() {
             round += 1;
             let row = run(&harness, &host, &reference, &token, mode, n, round, ticks).await;
             eprintln!(
-                "{} x{n}: egress {} MiB, last node {:.2} s, peers {} MiB, registry {} MiB, node CPU s {}, registry CPU s {:.1}",
+                "{} x{n}: egress {} MiB, last node {:.2} s, peers {} MiB, registry {} MiB, node CPU s {}, registry CPU s {:.1}, machine busy {:.0} %",
                 mode.label(),
                 mib(row.egress),
                 row.last_s,
                 mib(row.peers),
                 mib(row.registry),
                 cpu_summary(&row.cpu_s),
-                row.registry_cpu_s.unwrap_or(f64::NAN)
+                row.registry_cpu_s.unwrap_or(f64::NAN),
+                row.machine_busy
             );
             rows.push(row);
         }
@@ -421,13 +448,13 @@ fn report(harness: &Harness, rows: &[Row], source: &str, size: u64) -> String {
     );
     let _ = writeln!(
         out,
-        "| mode | nodes | registry egress MiB | x one copy | last node s | x alone | node CPU s (mean / max) | registry CPU s | chunk MiB from peers | chunk MiB from registry |"
+        "| mode | nodes | registry egress MiB | x one copy | last node s | x alone | node CPU s (mean / max) | registry CPU s | machine CPU busy % | chunk MiB from peers | chunk MiB from registry |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {:.0} | {} | {} |",
             r.mode.label(),
             r.nodes,
             mib(r.egress),
@@ -436,6 +463,7 @@ fn report(harness: &Harness, rows: &[Row], source: &str, size: u64) -> String {
             ratio(r.last_s, alone.map(|a| a.last_s)),
             cpu_summary(&r.cpu_s),
             r.registry_cpu_s.map_or("n/a".into(), |c| format!("{c:.1}")),
+            r.machine_busy,
             mib(r.peers),
             mib(r.registry)
         );

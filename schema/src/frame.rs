@@ -61,6 +61,10 @@ thread_local! {
     /// Making a context per chunk cost 8% of a push's CPU on real guest memory (D20).
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
+    /// One zstd decompression context per thread: making one per chunk was 1.2 % of all CPU in
+    /// the 8-node swarm benchmark (D22).
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// zstd of `data` at `level` in this thread's reused context; `None` if zstd failed.
@@ -72,6 +76,18 @@ fn compress_reusing_context(data: &[u8], level: i32) -> Option<Vec<u8>> {
         }
         let (_, compressor) = slot.as_mut().expect("set above");
         compressor.compress(data).ok()
+    })
+}
+
+/// zstd decompression of `payload` into at most `capacity` bytes, in this thread's reused
+/// context.
+fn decompress_reusing_context(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut().expect("set above").decompress(payload, capacity)
     })
 }
 
@@ -138,7 +154,7 @@ impl EncodedChunk {
             Codec::Raw => self.payload.clone(),
             Codec::Zstd => {
                 // Cap the output at the declared length: a lying frame cannot make us allocate more.
-                zstd::bulk::decompress(&self.payload, self.raw_len as usize)
+                decompress_reusing_context(&self.payload, self.raw_len as usize)
                     .map_err(FrameError::Decompress)?
             }
         };

@@ -678,11 +678,39 @@ fn component_reports(md: &mut String, out_dir: &Path) {
         let _ = writeln!(md, "`{command}`\n");
         match text {
             Some(text) => {
-                let _ = writeln!(md, "{}\n", text.trim_end());
+                let _ = writeln!(md, "{}\n", beside_report(text.trim_end()));
             }
             None => {
                 let _ = writeln!(md, "`benchmarks/{file}` is absent: that command has not written it yet.\n");
             }
         }
+    }
+}
+
+/// `text` of a component report with its images (`![..](name.png)`, written beside it in
+/// `benchmarks/`) linked from the main report, which sits one directory up.
+fn beside_report(text: &str) -> String {
+    text.lines()
+        .map(|line| match (line.starts_with("!["), line.find("](")) {
+            (true, Some(i)) if !line[i + 2..].contains('/') => {
+                format!("{}](benchmarks/{}", &line[..i], &line[i + 2..])
+            }
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::beside_report;
+
+    #[test]
+    fn component_images_are_linked_from_the_main_report() {
+        let text = "| a | b |\n![egress](p2p.png)\n![kept](benchmarks/x.png)";
+        assert_eq!(
+            beside_report(text),
+            "| a | b |\n![egress](benchmarks/p2p.png)\n![kept](benchmarks/x.png)"
+        );
     }
 }
