@@ -72,7 +72,8 @@ struct Args {
     /// read every cached snapshot. Only for isolated test networks.
     #[arg(long)]
     peer_insecure: bool,
-    /// Milliseconds a peer may take to answer one batch before it counts as failed.
+    /// Milliseconds a peer may stay quiet while answering (before its answer, or between
+    /// two pieces of it) before it counts as failed; a whole answer may take 4 times this.
     #[arg(long, env = "THAW_PEER_TIMEOUT_MS", default_value_t = 5000)]
     peer_timeout_ms: u64,
     /// Seconds a failed peer is avoided.

@@ -21,7 +21,8 @@
 //!
 //! The client's batches ([`ChunkSource`]) take what is held. Chunks held in memory are
 //! served to peers without waiting for the in-order writer and without compressing again.
-//! A chunk nobody delivers for [`STALL`], or whose owner failed, comes from the registry.
+//! A chunk still missing when nothing has arrived at this node for [`STALL`], or whose
+//! owner failed, comes from the registry.
 //! Every peer chunk is checked against its id (twice: here and by the client).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -43,8 +44,11 @@ use tokio::sync::Notify;
 use crate::peer::fetch::{Peer, PeerSource};
 use crate::peer::{PeerBook, PeerOptions};
 
-/// How long the chunks of a batch this node waits for may stop arriving before the rest of
-/// the batch comes from the registry.
+/// How long chunks may stop arriving at this node (for any of its batches) before a batch
+/// still waiting takes the rest of its chunks from the registry. Measured per
+/// materialization, not per batch: the client asks for several batches ahead, and a later
+/// one waits behind the earlier ones by design while the swarm works through the segments
+/// in write order (a per-batch clock sent 1.27-1.61 copies from the registry: D23).
 pub(crate) const STALL: Duration = Duration::from_secs(5);
 
 /// How often a waiting batch looks at the members' bitmaps again (sooner when this node's
@@ -72,7 +76,11 @@ const SEGMENT_RAW_BYTES: u64 = 2 << 20;
 const PREFETCH_WORKERS: usize = 2;
 
 /// Requests to members in flight at once, each for up to a segment's worth of chunks.
-const MEMBER_WORKERS: usize = 3;
+/// Each node takes 7/8 of an 8-member swarm's snapshot from members, as fast as the
+/// registry sends the other 1/8 to its owners: its downlink has to stay full. With 3, the
+/// downlinks ran about half full and the last node took 14.0-15.1 s at 50 Mbit/s; with 5,
+/// 13.0-13.7 s; 8 was no faster and used more CPU (D23).
+const MEMBER_WORKERS: usize = 5;
 
 /// Members that take a segment from its first holder; the others take it from them.
 const FANOUT: usize = 2;
@@ -154,6 +162,8 @@ pub(crate) struct Materializing {
     asking: Mutex<HashSet<ChunkId>>,
     /// Woken when frames arrive or a segment's state changes.
     changed: Notify,
+    /// When frames last arrived (from the registry or a peer): the [`STALL`] clock.
+    last_arrival: Mutex<Instant>,
 }
 
 impl Materializing {
@@ -222,6 +232,7 @@ impl Materializing {
             local: local_ids,
             asking: Mutex::default(),
             changed: Notify::new(),
+            last_arrival: Mutex::new(Instant::now()),
         }
     }
 
@@ -275,6 +286,10 @@ impl Materializing {
     ) {
         {
             let mut held = self.held.lock().expect("held lock");
+            let mut frames = frames.into_iter().peekable();
+            if frames.peek().is_some() {
+                *self.last_arrival.lock().expect("arrival lock") = Instant::now();
+            }
             for (id, frame, data) in frames {
                 if from_peers {
                     held.from_peers.insert(id);
@@ -917,7 +932,8 @@ impl SwarmSource {
                 self.fetch_segments(blob, claimed).await;
                 continue;
             }
-            if rest.is_empty() || last_progress.elapsed() > STALL {
+            let quiet = last_progress.max(*m.last_arrival.lock().expect("arrival lock")).elapsed();
+            if rest.is_empty() || quiet > STALL {
                 if !rest.is_empty() {
                     tracing::debug!(chunks = rest.len(), "swarm chunks stalled; from the registry instead");
                 }
@@ -1061,6 +1077,17 @@ impl ChunkSource for SwarmSource {
         ids: &'a [(ChunkId, u32)],
     ) -> BoxFuture<'a, Vec<(ChunkId, Vec<u8>)>> {
         Box::pin(self.fetch_batch(blob, ids))
+    }
+
+    /// A segment per batch while there is a swarm: its chunks arrive segment by segment
+    /// from different members, so a registry-sized batch (8 segments) would keep the writer
+    /// waiting until the last of them (D23).
+    fn batch_raw_bytes(&self) -> u64 {
+        if self.materializing.members.lock().expect("members lock").is_empty() {
+            thaw_client::tuning::FETCH_BATCH_RAW_BYTES
+        } else {
+            SEGMENT_RAW_BYTES
+        }
     }
 }
 

@@ -43,6 +43,15 @@ pub trait ChunkSource: Send + Sync {
         blob: Sha256Digest,
         ids: &'a [(ChunkId, u32)],
     ) -> BoxFuture<'a, Vec<(ChunkId, Vec<u8>)>>;
+
+    /// Uncompressed bytes of the batches the writer asks this source for, asked when each
+    /// file starts. The writer keeps the same bytes in flight whatever the size (more
+    /// batches of smaller ones) and writes a batch only once it is whole: a source whose
+    /// chunks arrive spread over the file (a swarm) answers smaller batches, so that the
+    /// writer starts on the first chunks while later ones are still coming.
+    fn batch_raw_bytes(&self) -> u64 {
+        crate::tuning::FETCH_BATCH_RAW_BYTES
+    }
 }
 
 /// One blob to write.

@@ -72,11 +72,17 @@ pub(crate) async fn from_recipe_with(
         .into_iter()
         .filter(|id| !local.contains_key(id) && !cached.contains(id))
         .collect();
+    // Batches as the peer source wants them (never larger than the registry's), with as
+    // many bytes in flight as registry-sized batches would have.
+    let batch_raw_bytes = peers
+        .as_ref()
+        .map_or(FETCH_BATCH_RAW_BYTES, |p| p.batch_raw_bytes().clamp(1 << 20, FETCH_BATCH_RAW_BYTES));
+    let concurrency = TRANSFER_CONCURRENCY * (FETCH_BATCH_RAW_BYTES / batch_raw_bytes) as usize;
     let mut batches: Vec<Vec<(ChunkId, u32)>> = Vec::new();
     let mut raw = 0u64;
     for id in remote {
         let len = lens[&id];
-        if batches.is_empty() || raw + u64::from(len) > FETCH_BATCH_RAW_BYTES {
+        if batches.is_empty() || raw + u64::from(len) > batch_raw_bytes {
             batches.push(Vec::new());
             raw = 0;
         }
@@ -121,7 +127,7 @@ pub(crate) async fn from_recipe_with(
                     Ok::<_, Error>(out)
                 }
             })
-            .buffered(TRANSFER_CONCURRENCY);
+            .buffered(concurrency);
         futures::pin_mut!(decoded);
         while let Some(batch) = decoded.try_next().await? {
             if tx.send(batch).await.is_err() {

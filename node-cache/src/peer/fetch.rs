@@ -137,6 +137,9 @@ impl PeerSource {
     }
 }
 
+/// How many times the peer timeout one answer may take in all, however steadily it comes.
+const ANSWER_DEADLINE_FACTOR: u32 = 4;
+
 /// Asks one peer for `ids`; answers the chunks it sent, decoded and checked.
 pub(crate) async fn ask(
     http: &reqwest::Client,
@@ -161,7 +164,6 @@ pub(crate) async fn ask_frames(
     let mut req = http
         .post(&url)
         .header(reqwest::header::CONTENT_TYPE, media::CHUNK_IDS)
-        .timeout(options.timeout)
         .body(encode_chunk_id_query(&query));
     if let Some(t) = &options.token {
         req = req.bearer_auth(t.as_str());
@@ -173,7 +175,18 @@ pub(crate) async fn ask_frames(
             (Failure::Error, e.to_string())
         }
     };
-    let mut resp = req.send().await.map_err(classify)?;
+    // A peer fails when it goes quiet for `options.timeout` (no answer, or no bytes of it),
+    // or takes longer than ANSWER_DEADLINE_FACTOR times that in all. Not when a whole
+    // answer takes longer than `options.timeout`: a member sending steadily on an uplink
+    // shared by many askers is slow, not stalled, and dropping it makes the swarm fetch
+    // its segments from the registry again (D23).
+    let deadline = tokio::time::Instant::now() + options.timeout * ANSWER_DEADLINE_FACTOR;
+    let quiet = |what: &str| (Failure::Timeout, format!("{what} within {} ms", options.timeout.as_millis()));
+    let idle = || std::cmp::min(tokio::time::Instant::now() + options.timeout, deadline);
+    let mut resp = tokio::time::timeout_at(idle(), req.send())
+        .await
+        .map_err(|_| quiet("no answer"))?
+        .map_err(classify)?;
     match resp.status().as_u16() {
         200 => {}
         // Busy: not a failure, just not now.
@@ -185,7 +198,11 @@ pub(crate) async fn ask_frames(
         .map(|(_, len)| ENTRY_HEADER_LEN + (*len as usize + 1024).min(MAX_PAYLOAD_LEN as usize))
         .sum::<usize>();
     let mut body = Vec::new();
-    while let Some(piece) = resp.chunk().await.map_err(classify)? {
+    while let Some(piece) = tokio::time::timeout_at(idle(), resp.chunk())
+        .await
+        .map_err(|_| quiet("no more of the answer"))?
+        .map_err(classify)?
+    {
         body.extend_from_slice(&piece);
         if body.len() > limit {
             return Err((Failure::Corrupt, format!("answer longer than the {limit} bytes asked for")));

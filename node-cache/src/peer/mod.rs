@@ -134,7 +134,8 @@ pub struct PeerOptions {
     pub token: Option<PeerToken>,
     /// Serve and fetch without a token (`--peer-insecure`): only for trusted test networks.
     pub insecure: bool,
-    /// Longest a peer may take to answer one batch before it counts as failed.
+    /// Longest a peer may stay quiet (before its answer starts, or between two pieces of
+    /// it) before it counts as failed; a whole answer may take 4 times this.
     pub timeout: Duration,
     /// How long a failed peer is avoided.
     pub penalty: Duration,
