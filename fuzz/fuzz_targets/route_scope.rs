@@ -99,9 +99,10 @@ fuzz_target!(|data: &[u8]| {
                 Route::Manifest { .. } | Route::Blob { .. } if method == Method::DELETE => Action::Delete,
                 Route::Manifest { .. } | Route::Blob { .. } if method == Method::PUT => Action::Push,
                 Route::Manifest { .. } | Route::Blob { .. } => Action::Pull,
-                Route::Tags { .. } | Route::Referrers { .. } | Route::ThawRecipe { .. } | Route::ThawFetch { .. } => {
-                    Action::Pull
-                }
+                Route::Tags { .. }
+                | Route::Referrers { .. }
+                | Route::ThawRecipe { .. }
+                | Route::ThawFetch { .. } => Action::Pull,
                 _ => Action::Push,
             };
             assert_eq!(*action, expected, "{route:?} {method} (read: {read})");
@@ -115,12 +116,16 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut query) = query else { return };
     let source = mount_source(&route, &method, &query);
     match (&route, &source) {
-        (Route::UploadStart { .. }, Some(Access::Repository(from, Action::Pull))) if method == Method::POST => {
+        (Route::UploadStart { .. }, Some(Access::Repository(from, Action::Pull)))
+            if method == Method::POST =>
+        {
             assert_eq!(Some(from.as_str()), query.get("from"));
         }
         (_, None) => {
             assert!(
-                !(matches!(route, Route::UploadStart { .. }) && method == Method::POST && query.get("from").is_some())
+                !(matches!(route, Route::UploadStart { .. })
+                    && method == Method::POST
+                    && query.get("from").is_some())
             );
         }
         (r, s) => panic!("{r:?} {method}: mount source {s:?}"),

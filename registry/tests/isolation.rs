@@ -247,7 +247,8 @@ async fn a_mount_authorizes_exactly_the_query_the_handler_reads() {
         format!("mount={mine}&%6Dount={theirs}&from=team-a/lib"),
         format!("mount={theirs}&from=team-a/lib&fr%6Fm=team-b/app"),
     ] {
-        let resp = t.req("user-a", Method::POST, &format!("/v2/team-a/app/blobs/uploads/?{query}")).send().await;
+        let resp =
+            t.req("user-a", Method::POST, &format!("/v2/team-a/app/blobs/uploads/?{query}")).send().await;
         expect_error(resp.unwrap(), 400, &["UNSUPPORTED"], &query).await;
     }
     // Percent-encoded keys and values are read as the handler reads them: a mount from
@@ -260,7 +261,8 @@ async fn a_mount_authorizes_exactly_the_query_the_handler_reads() {
         format!("mount={theirs}&from=team-%62/app"),
         format!("%6D%6F%75%6E%74={}&%66%72%6F%6D=team-b%2fapp", theirs.replace(':', "%3A")),
     ] {
-        let resp = t.req("user-a", Method::POST, &format!("/v2/team-a/app/blobs/uploads/?{query}")).send().await;
+        let resp =
+            t.req("user-a", Method::POST, &format!("/v2/team-a/app/blobs/uploads/?{query}")).send().await;
         let resp = resp.unwrap();
         assert_eq!(resp.status(), StatusCode::ACCEPTED, "{query}: {}", body_text(resp).await);
     }
@@ -268,12 +270,19 @@ async fn a_mount_authorizes_exactly_the_query_the_handler_reads() {
 
     // The same spellings from a repository user-a may read do mount.
     let resp = t
-        .req("user-a", Method::POST, &format!("/v2/team-a/app/blobs/uploads/?%6Dount={mine}&%66rom=team-a%2Flib"))
+        .req(
+            "user-a",
+            Method::POST,
+            &format!("/v2/team-a/app/blobs/uploads/?%6Dount={mine}&%66rom=team-a%2Flib"),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED, "{}", body_text(resp).await);
-    assert_eq!(t.status("user-a", Method::HEAD, &format!("/v2/team-a/app/blobs/{mine}")).await, StatusCode::OK);
+    assert_eq!(
+        t.status("user-a", Method::HEAD, &format!("/v2/team-a/app/blobs/{mine}")).await,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -284,11 +293,8 @@ async fn no_route_reads_another_tenants_repository() {
     let layer_digest = t.push_oci("user-b", "team-b/app", &layer).await;
     let config = b"{}".to_vec();
     t.push_oci("user-b", "team-b/app", &config).await;
-    let manifest = image_manifest(
-        descriptor(CONFIG_V1, &config),
-        vec![descriptor(LAYER_TAR, &layer)],
-        json!({}),
-    );
+    let manifest =
+        image_manifest(descriptor(CONFIG_V1, &config), vec![descriptor(LAYER_TAR, &layer)], json!({}));
     let manifest_digest = sha256_digest(&manifest);
     let put = |user: &'static str, repo: &'static str, reference: String, body: Vec<u8>| {
         t.req(user, Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
@@ -365,9 +371,7 @@ async fn no_route_reads_another_tenants_repository() {
 async fn tokens_grant_only_what_the_user_has_and_only_for_this_service() {
     let t = Tenants::start().await;
     let layer = t.push_oci("user-b", "team-b/app", b"token test layer").await;
-    let token = |query: String| {
-        t.req("user-a", Method::GET, &format!("/v2/_thaw/token?{query}")).send()
-    };
+    let token = |query: String| t.req("user-a", Method::GET, &format!("/v2/_thaw/token?{query}")).send();
     let resp = token(
         "service=thaw-isolation&scope=repository:team-b/app:pull,push&scope=repository:team-*:pull\
          &scope=repository:team-a/app:pull,push,delete&scope=registry:catalog:*&scope=registry:nodes:read"

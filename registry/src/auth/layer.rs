@@ -170,7 +170,9 @@ pub fn parse_authorization(value: &[u8]) -> Credentials {
     if scheme.eq_ignore_ascii_case("basic") {
         let decoded = STANDARD.decode(credentials.trim()).ok().and_then(|b| String::from_utf8(b).ok());
         return match decoded.as_deref().and_then(|d| d.split_once(':')) {
-            Some((user, password)) => Credentials::Basic { user: user.to_owned(), password: password.to_owned() },
+            Some((user, password)) => {
+                Credentials::Basic { user: user.to_owned(), password: password.to_owned() }
+            }
             None => Credentials::Invalid("malformed Basic credentials".into()),
         };
     }
