@@ -33,7 +33,8 @@ unset CARGO_TARGET_DIR
 # cargo-fuzz passes nightly-only flags (-Zsanitizer, sancov); the toolchain is stable.
 export RUSTC_BOOTSTRAP=1
 
-all_targets=(recipe_decode chunk_batch missing_query manifest_parse repo_name registry_routing extender_request)
+all_targets=(recipe_decode chunk_batch missing_query manifest_parse repo_name registry_routing extender_request
+    auth_token authorization_header route_scope)
 read -r -a targets <<<"${FUZZ_TARGETS:-${all_targets[*]}}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 

@@ -100,8 +100,7 @@ fn percent_decode(segment: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = segment.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            out.push(segment.get(i + 1..i + 3).and_then(hex_byte)?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -110,6 +109,11 @@ fn percent_decode(segment: &str) -> Option<String> {
     }
     let s = String::from_utf8(out).ok()?;
     (!s.contains('/')).then_some(s)
+}
+
+/// Two hex digits as a byte. Not `u8::from_str_radix`, which also takes a sign (`%+f`).
+fn hex_byte(two: &str) -> Option<u8> {
+    two.bytes().all(|c| c.is_ascii_hexdigit()).then(|| u8::from_str_radix(two, 16).ok()).flatten()
 }
 
 fn not_found(path: &str) -> ApiError {
@@ -201,6 +205,86 @@ fn parse_registry_wide_thaw(path: &str, thaw: &str) -> Result<Route, ApiError> {
     Ok(Route::Node { node })
 }
 
+/// A request's query string, decoded once. The auth layer authorizes this value and hands
+/// the same value to the handler (as a request extension), so both read exactly the same
+/// parameters: keys and values are `+`/`%XX`-decoded before they are compared, and a key
+/// that appears twice (however it is spelled) is refused instead of one spelling winning.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    pairs: Vec<(String, String)>,
+}
+
+/// Largest query string accepted (a token request naming many scopes fits easily).
+pub const MAX_QUERY_LEN: usize = 16 * 1024;
+
+impl Query {
+    /// Parses `raw` (without the `?`). Every key may appear once, except those in
+    /// `repeatable` (the token endpoint's `scope`); a repeated key is 400 `UNSUPPORTED`.
+    pub fn parse(raw: &str, repeatable: &[&str]) -> Result<Self, ApiError> {
+        let bad = |why: String| {
+            ApiError::new(ErrorCode::Unsupported, why).with_status(axum::http::StatusCode::BAD_REQUEST)
+        };
+        if raw.len() > MAX_QUERY_LEN {
+            return Err(bad(format!("query string of {} bytes; at most {MAX_QUERY_LEN}", raw.len())));
+        }
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for piece in raw.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
+            let (key, value) = (percent_decode_query(k), percent_decode_query(v));
+            if !repeatable.contains(&key.as_str()) && pairs.iter().any(|(seen, _)| *seen == key) {
+                return Err(bad(format!("query parameter {key:?} is given more than once")));
+            }
+            pairs.push((key, value));
+        }
+        Ok(Self { pairs })
+    }
+
+    /// The value of `key`, if present (the only one, for a non-repeatable key).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `key`, in order.
+    pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.pairs.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Removes `key` (the auth layer drops a mount the caller may not read from).
+    pub fn remove(&mut self, key: &str) {
+        self.pairs.retain(|(k, _)| k != key);
+    }
+
+    /// The decoded pairs, in order.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.pairs
+    }
+}
+
+/// Decodes `+` and `%XX` in a query key or value; a `%` not followed by two hex digits is
+/// kept as is, and bytes that are not UTF-8 become U+FFFD (the same for every reader).
+fn percent_decode_query(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], s.get(i + 1..i + 3).and_then(hex_byte)) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Parses a digest from a path or query, as 400 `DIGEST_INVALID` on failure.
 pub fn parse_digest(s: &str) -> Result<Sha256Digest, ApiError> {
     s.parse().map_err(|e| ApiError::digest_invalid(format!("{e}")))
@@ -264,6 +348,28 @@ mod tests {
         assert_eq!(parse(&long).unwrap_err().code(), ErrorCode::NameInvalid);
         assert!(parse("/v3/x").is_err());
         assert!(parse("/v2/x/manifests/").is_err());
+    }
+
+    #[test]
+    fn a_query_is_decoded_once_and_keys_are_unique() {
+        let q = Query::parse("%6Dount=sha256%3Aab&%66rom=team-b%2Fapp&x=a+b", &[]).unwrap();
+        assert_eq!(q.get("mount"), Some("sha256:ab"));
+        assert_eq!(q.get("from"), Some("team-b/app"));
+        assert_eq!(q.get("x"), Some("a b"));
+        for repeated in ["from=a&from=b", "from=a&%66rom=b", "mount=x&%6dount=x", "a&a", "f%72om=1&from=2"] {
+            let e = Query::parse(repeated, &[]).unwrap_err();
+            assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{repeated}");
+        }
+        let scopes = Query::parse("scope=a&scope=b&service=s", &["scope"]).unwrap();
+        assert_eq!(scopes.all("scope").collect::<Vec<_>>(), ["a", "b"]);
+        assert!(Query::parse("service=a&service=b", &["scope"]).is_err());
+        // `%` without two hex digits stays as is; a sign is not a hex digit.
+        assert_eq!(Query::parse("k=%+1%zz%4", &[]).unwrap().get("k"), Some("% 1%zz%4"));
+        assert!(Query::parse(&"a".repeat(MAX_QUERY_LEN + 1), &[]).is_err());
+        let mut q = Query::parse("mount=d&from=r&digest=x", &[]).unwrap();
+        q.remove("mount");
+        q.remove("from");
+        assert_eq!(q.pairs(), [("digest".to_owned(), "x".to_owned())]);
     }
 
     #[test]

@@ -148,6 +148,72 @@ fn main() {
         put(&dir, "registry_routing", &format!("path-{i:02}"), p.as_bytes());
     }
 
+    // auth_token: mode 0 = a token; 1 = a claims payload the target signs; 2 = user and
+    // scopes, one a line.
+    let far = 4_102_444_800u64; // 2100-01-01
+    let claims = format!(
+        r#"{{"sub":"a","aud":"thaw-fuzz","iat":1,"exp":{far},"access":[{{"type":"repository","name":"team-a/app","actions":["pull","push"]}},{{"type":"registry","name":"nodes","actions":["read"]}}]}}"#
+    );
+    let wrong_service = format!(r#"{{"sub":"","aud":"other","iat":1,"exp":{far},"access":[]}}"#);
+    for (i, seed) in [
+        with_mode(0, b"eyJzdWIiOiJhIn0.c2ln"),
+        with_mode(0, b"no-dot"),
+        with_mode(1, claims.as_bytes()),
+        with_mode(1, wrong_service.as_bytes()),
+        with_mode(1, br#"{"sub":"a","aud":"thaw-fuzz","iat":1,"exp":2,"access":[]}"#),
+        with_mode(2, b"a\nrepository:team-a/app:pull,push\nrepository:team-b/app:pull"),
+        with_mode(2, b"\nrepository:public/x:pull registry:catalog:*"),
+        with_mode(2, b"node\nregistry:nodes:read,write"),
+        with_mode(2, b"root\nregistry:catalog:*\nrepository:team-*:delete"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        put(&dir, "auth_token", &format!("seed-{i}"), seed);
+    }
+
+    // authorization_header: header values as clients send them.
+    for (i, v) in [
+        "Basic dXNlci1hOmEtcGFzc3dvcmQ=",
+        "basic dTpwOnE=",
+        "Bearer eyJzdWIiOiJhIn0.c2ln",
+        "bearer   tok  ",
+        "Basic !!!",
+        "Basic dXNlcg==",
+        "Digest username=\"x\"",
+        "Bearer",
+    ]
+    .iter()
+    .enumerate()
+    {
+        put(&dir, "authorization_header", &format!("value-{i}"), v.as_bytes());
+    }
+
+    // route_scope: method byte (index into GET HEAD PUT POST PATCH DELETE OPTIONS), then a
+    // path and query from docs/API.md, the mount tricks of issue 18 included.
+    for (i, (method, target)) in [
+        (3u8, format!("/v2/team-a/app/blobs/uploads/?mount={d}&from=team-b/app")),
+        (3, format!("/v2/team-a/app/blobs/uploads/?mount={d}&from=team-a/lib&from=team-b/app")),
+        (3, format!("/v2/team-a/app/blobs/uploads/?%6Dount={d}&%66rom=team-b%2Fapp")),
+        (3, format!("/v2/team-a/app/blobs/uploads/?digest={d}")),
+        (2, format!("/v2/team-a/app/blobs/uploads/0123abcd?digest={d}")),
+        (0, "/v2/team-a/app/tags/list?n=10&last=v1".to_owned()),
+        (0, "/v2/_catalog?n=1".to_owned()),
+        (0, format!("/v2/team-a/app/referrers/{d}?artifactType=application%2Fvnd.example")),
+        (5, format!("/v2/team-a/app/manifests/{d}")),
+        (2, "/v2/team-a/app/manifests/v1".to_owned()),
+        (3, "/v2/team-a/app/_thaw/chunks/fetch".to_owned()),
+        (3, "/v2/team-a/app/_thaw/chunks/missing".to_owned()),
+        (2, format!("/v2/team-a/app/_thaw/blobs/{d}")),
+        (2, "/v2/_thaw/nodes/node-1".to_owned()),
+        (0, "/v2/".to_owned()),
+    ]
+    .iter()
+    .enumerate()
+    {
+        put(&dir, "route_scope", &format!("request-{i:02}"), &with_mode(*method, target.as_bytes()));
+    }
+
     // extender_request: ExtenderArgs as kube-scheduler sends them.
     let annotated = serde_json::json!({
         "Pod": {"metadata": {"name": "p", "namespace": "ns",

@@ -14,9 +14,9 @@ use base64::Engine as _;
 use thaw_schema::ErrorCode;
 
 use super::token::{now_secs, rfc3339};
-use super::{required_access, Access, Action, Auth, Claims};
+use super::{mount_source, required_access, Access, Auth, Claims};
 use crate::error::ApiError;
-use crate::routes::{self, Route};
+use crate::routes::{self, Query};
 
 /// Path of the built-in token endpoint.
 pub(super) const TOKEN_PATH: &str = "/v2/_thaw/token";
@@ -50,15 +50,36 @@ pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, mut request: Reques
     // Paths that do not parse need nothing: the dispatcher refuses them with 404/400
     // without touching storage.
     let Ok(route) = routes::parse(&path) else { return next.run(request).await };
+    // The query is parsed here, once; the handler gets this very value (an extension), so
+    // what is authorized below is exactly what it reads.
+    let mut query = match Query::parse(request.uri().query().unwrap_or(""), &[]) {
+        Ok(query) => query,
+        Err(e) => return e.into_response(),
+    };
     let access = required_access(&route, request.method());
     let caller = identify(&auth, request.headers()).await;
     if let Some(refusal) = decide(&auth, &caller, &access, request.headers()) {
         return refusal;
     }
-    if let Route::UploadStart { .. } = route {
-        drop_unreadable_mount(&auth, &caller, &mut request);
+    if let Some(source) = mount_source(&route, request.method(), &query) {
+        if !may(&auth, &caller, &source) {
+            // A mount from a repository the caller may not pull becomes a plain upload
+            // session (the spec's fallback), so a mount cannot read another tenant's blob.
+            query.remove("mount");
+            query.remove("from");
+        }
     }
+    request.extensions_mut().insert(query);
     next.run(request).await
+}
+
+/// Whether an already identified caller may do `access` (by its token or by the config).
+fn may(auth: &Auth, caller: &Caller, access: &Access) -> bool {
+    match caller {
+        Caller::Bearer(claims) => claims.grants(access) || auth.allows(None, access),
+        Caller::Invalid(_) => false,
+        other => auth.allows(other.user(), access),
+    }
 }
 
 /// `None` lets the caller through; otherwise the refusal: 401 (with a challenge) or 403.
@@ -121,60 +142,62 @@ fn realm(auth: &Auth, headers: &HeaderMap) -> String {
     format!("{scheme}://{host}{TOKEN_PATH}")
 }
 
-async fn identify(auth: &Arc<Auth>, headers: &HeaderMap) -> Caller {
-    let Some(value) = headers.get(header::AUTHORIZATION) else { return Caller::Anonymous };
-    let Ok(value) = value.to_str() else { return Caller::Invalid("unreadable Authorization header".into()) };
+/// What an `Authorization` header carries, parsed without checking anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// `Bearer <token>` (scheme case-insensitive, token trimmed).
+    Bearer(String),
+    /// `Basic base64(user ":" password)`; the user has no `:` (RFC 7617 §2).
+    Basic {
+        /// User name.
+        user: String,
+        /// Password (may hold `:`).
+        password: String,
+    },
+    /// Not usable: why.
+    Invalid(String),
+}
+
+/// Parses an `Authorization` header value (the one place it is parsed).
+pub fn parse_authorization(value: &[u8]) -> Credentials {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return Credentials::Invalid("unreadable Authorization header".into());
+    };
     let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
     if scheme.eq_ignore_ascii_case("bearer") {
-        return match auth.verify(credentials.trim()) {
-            Ok(claims) => Caller::Bearer(claims),
-            Err(e) => Caller::Invalid(e.to_string()),
-        };
+        return Credentials::Bearer(credentials.trim().to_owned());
     }
     if scheme.eq_ignore_ascii_case("basic") {
-        return match check_basic(auth, credentials.trim()).await {
-            Some(user) => Caller::Basic(user),
-            None => Caller::Invalid("user name or password is wrong".into()),
+        let decoded = STANDARD.decode(credentials.trim()).ok().and_then(|b| String::from_utf8(b).ok());
+        return match decoded.as_deref().and_then(|d| d.split_once(':')) {
+            Some((user, password)) => {
+                Credentials::Basic { user: user.to_owned(), password: password.to_owned() }
+            }
+            None => Credentials::Invalid("malformed Basic credentials".into()),
         };
     }
-    Caller::Invalid(format!("unsupported authorization scheme {scheme:?}"))
+    Credentials::Invalid(format!("unsupported authorization scheme {scheme:?}"))
 }
 
-/// Decodes and checks Basic credentials; bcrypt runs off the async threads.
-async fn check_basic(auth: &Arc<Auth>, encoded: &str) -> Option<String> {
-    let decoded = String::from_utf8(STANDARD.decode(encoded).ok()?).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    let (user, password) = (user.to_owned(), password.to_owned());
+async fn identify(auth: &Arc<Auth>, headers: &HeaderMap) -> Caller {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Caller::Anonymous };
+    match parse_authorization(value.as_bytes()) {
+        Credentials::Bearer(token) => match auth.verify(&token) {
+            Ok(claims) => Caller::Bearer(claims),
+            Err(e) => Caller::Invalid(e.to_string()),
+        },
+        Credentials::Basic { user, password } => match check_basic(auth, user, password).await {
+            Some(user) => Caller::Basic(user),
+            None => Caller::Invalid("user name or password is wrong".into()),
+        },
+        Credentials::Invalid(why) => Caller::Invalid(why),
+    }
+}
+
+/// Checks Basic credentials; bcrypt runs off the async threads.
+async fn check_basic(auth: &Arc<Auth>, user: String, password: String) -> Option<String> {
     let auth = auth.clone();
     tokio::task::spawn_blocking(move || auth.check_password(&user, &password).then_some(user)).await.ok()?
-}
-
-/// A cross-repository mount from a repository the caller may not pull becomes a plain
-/// upload session (the spec's fallback), so a mount cannot read another tenant's blob.
-fn drop_unreadable_mount(auth: &Auth, caller: &Caller, request: &mut Request) {
-    let query = request.uri().query().unwrap_or("").to_owned();
-    let pairs = crate::handlers::query_pairs(&query);
-    let Some(from) = pairs.iter().find(|(k, _)| k == "from").map(|(_, v)| v.clone()) else { return };
-    let readable = Access::Repository(from, Action::Pull);
-    let allowed = match caller {
-        Caller::Bearer(claims) => claims.grants(&readable) || auth.allows(None, &readable),
-        other => auth.allows(other.user(), &readable),
-    };
-    if allowed {
-        return;
-    }
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|kv| !kv.starts_with("mount=") && !kv.starts_with("from=") && !kv.is_empty())
-        .collect();
-    let path_and_query = if kept.is_empty() {
-        request.uri().path().to_owned()
-    } else {
-        format!("{}?{}", request.uri().path(), kept.join("&"))
-    };
-    if let Ok(uri) = path_and_query.parse::<Uri>() {
-        *request.uri_mut() = uri;
-    }
 }
 
 /// `GET /v2/_thaw/token?service=…&scope=…[&scope=…]`, optionally with Basic credentials.
@@ -198,8 +221,11 @@ async fn token_endpoint(
                 .into_response();
         }
     };
-    let pairs = crate::handlers::query_pairs(uri.query().unwrap_or(""));
-    let scopes: Vec<String> = pairs.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.clone()).collect();
+    let query = match Query::parse(uri.query().unwrap_or(""), &["scope"]) {
+        Ok(query) => query,
+        Err(e) => return e.into_response(),
+    };
+    let scopes: Vec<String> = query.all("scope").map(str::to_owned).collect();
     let (token, claims) = auth.issue(user.as_deref(), &scopes);
     tracing::debug!(user = claims.sub, granted = ?claims.access, "issued token");
     let body = serde_json::json!({

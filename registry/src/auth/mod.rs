@@ -19,10 +19,11 @@ use axum::http::Method;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::routes::Route;
+use crate::routes::{Query, Route};
 
 pub(crate) use layer::authorize;
-pub use token::{Claims, ScopeGrant};
+pub use layer::{parse_authorization, Credentials};
+pub use token::{Claims, ScopeGrant, TokenError};
 
 /// Default lifetime of issued tokens.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -115,6 +116,19 @@ pub fn required_access(route: &Route, method: &Method) -> Access {
         | Route::ThawMissing { name }
         | Route::ThawChunks { name }
         | Route::ThawCommit { name, .. } => repo(name, Push),
+    }
+}
+
+/// The repository a request would read through its query: `from` of a cross-repository
+/// mount (`POST /v2/<name>/blobs/uploads/?mount=<digest>&from=<repo>`). The caller needs
+/// pull on it, besides what [`required_access`] says; without it the auth layer drops the
+/// mount. `query` must be the value the handler reads (`routes::Query`, parsed once).
+pub fn mount_source(route: &Route, method: &Method, query: &Query) -> Option<Access> {
+    match route {
+        Route::UploadStart { .. } if *method == Method::POST => {
+            query.get("from").map(|from| Access::Repository(from.to_owned(), Action::Pull))
+        }
+        _ => None,
     }
 }
 
@@ -349,7 +363,7 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 
 /// Parses one requested scope (`repository:NAME:pull,push`, `registry:nodes:read`) into the
 /// accesses it asks for; unknown types and actions are dropped, as distribution does.
-fn parse_scope(scope: &str) -> Vec<Access> {
+pub fn parse_scope(scope: &str) -> Vec<Access> {
     let mut parts = scope.splitn(3, ':');
     let (Some(kind), Some(name), Some(actions)) = (parts.next(), parts.next(), parts.next()) else {
         return Vec::new();

@@ -60,12 +60,18 @@ impl Claims {
 
 /// Why a token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TokenError {
+pub enum TokenError {
+    /// Not `payload.signature` in base64url, or the payload is not claims JSON.
     Malformed,
+    /// The HMAC does not verify under this registry's key.
     BadSignature,
+    /// Past its `exp`.
     Expired,
+    /// Issued for another `service` (`aud`).
     WrongService,
 }
+
+impl std::error::Error for TokenError {}
 
 impl std::fmt::Display for TokenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,7 +134,7 @@ impl Auth {
     }
 
     /// Checks a token's signature (in constant time), service and expiry.
-    pub(crate) fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let (payload, signature) = token.split_once('.').ok_or(TokenError::Malformed)?;
         let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| TokenError::Malformed)?;
         let mut m = mac(&self.token_key);

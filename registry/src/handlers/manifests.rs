@@ -219,7 +219,7 @@ pub(super) async fn referrers(
     }
     let filter = req.query.get("artifactType");
     if let Some(wanted) = filter {
-        live.retain(|m| m.get("artifactType").and_then(Value::as_str) == Some(wanted.as_str()));
+        live.retain(|m| m.get("artifactType").and_then(Value::as_str) == Some(wanted));
     }
     live.sort_by(|a, b| a["digest"].as_str().cmp(&b["digest"].as_str()));
     let index = json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": live });

@@ -6,7 +6,6 @@ mod manifests;
 mod nodes;
 mod thaw;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -21,7 +20,7 @@ use thaw_schema::ErrorCode;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::{ApiError, ApiResult};
-use crate::routes::{self, Route};
+use crate::routes::{self, Query, Route};
 use crate::storage::Store;
 use crate::uploads::Uploads;
 
@@ -48,7 +47,8 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
 pub(crate) struct Request {
     pub(crate) method: Method,
     pub(crate) headers: HeaderMap,
-    pub(crate) query: HashMap<String, String>,
+    /// The query, parsed once (`routes::Query`): the value the auth layer authorized.
+    pub(crate) query: Query,
     pub(crate) body: Body,
 }
 
@@ -60,7 +60,16 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: axum::extract::Re
     let mut response = match admit(&state, peer).await {
         Err(e) => e.into_response(),
         Ok(permit) => {
-            let response = route(&state, parts.method, &parts.uri, parts.headers, body).await;
+            // The auth layer leaves the query it authorized in the extensions; without auth
+            // it is parsed here, by the same function.
+            let query = match parts.extensions.get::<Query>() {
+                Some(query) => Ok(query.clone()),
+                None => Query::parse(parts.uri.query().unwrap_or(""), &[]),
+            };
+            let response = match query {
+                Ok(query) => route(&state, parts.method, &parts.uri, query, parts.headers, body).await,
+                Err(e) => e.into_response(),
+            };
             hold_until_sent(response, permit)
         }
     };
@@ -76,8 +85,14 @@ async fn admit(state: &AppState, peer: Option<IpAddr>) -> ApiResult<OwnedSemapho
     state.limiter.admit().await
 }
 
-async fn route(state: &Arc<AppState>, method: Method, uri: &Uri, headers: HeaderMap, body: Body) -> Response {
-    let query = parse_query(uri.query().unwrap_or(""));
+async fn route(
+    state: &Arc<AppState>,
+    method: Method,
+    uri: &Uri,
+    query: Query,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let request = Request { method, headers, query, body };
     match routes::parse(uri.path()) {
         Ok(route) => handle(state, route, request).await.unwrap_or_else(IntoResponse::into_response),
@@ -136,43 +151,6 @@ async fn handle(state: &Arc<AppState>, route: Route, req: Request) -> ApiResult<
     }
 }
 
-fn parse_query(query: &str) -> HashMap<String, String> {
-    query_pairs(query).into_iter().collect()
-}
-
-/// A URL query's `key=value` pairs in order, `+` and `%XX` decoded (repeated keys kept, as
-/// the token endpoint's `scope` may be).
-pub(crate) fn query_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode_query(k), percent_decode_query(v))
-        })
-        .collect()
-}
-
-fn percent_decode_query(s: &str) -> String {
-    let s = s.replace('+', " ");
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (b[i], s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Reads a whole request body of at most `limit` bytes (413 `SIZE_INVALID` past it).
 pub(crate) async fn read_body(body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
     let mut stream = body.into_data_stream();
@@ -224,7 +202,7 @@ pub(crate) fn paginate(all: Vec<String>, req: &Request) -> ApiResult<Page> {
     };
     let last = req.query.get("last");
     let mut items: Vec<String> = match last {
-        Some(last) => all.into_iter().filter(|t| t.as_str() > last.as_str()).collect(),
+        Some(last) => all.into_iter().filter(|t| t.as_str() > last).collect(),
         None => all,
     };
     let mut next = None;

@@ -17,7 +17,7 @@ use thaw_schema::dto::{
     THAW_EXTENSION,
 };
 use thaw_schema::frame::FrameError;
-use thaw_schema::{media, ChunkId, ErrorCode, Recipe};
+use thaw_schema::{media, ChunkId, ErrorCode, Recipe, Sha256Digest};
 
 use super::{check_declared_length, header, read_body, AppState, Request};
 use crate::error::{ApiError, ApiResult};
@@ -194,34 +194,52 @@ pub(super) async fn commit(
     if recipe.digest != digest {
         return Err(ApiError::digest_invalid(format!("recipe is for {}, not {digest}", recipe.digest)));
     }
-    if !state.store.has_recipe(&digest).await? {
-        let ids = recipe.distinct_chunks();
-        let present = which_present(&state.store, &ids).await?;
-        let missing: Vec<String> =
-            ids.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| id.to_string()).collect();
-        if !missing.is_empty() {
-            return Err(ApiError::new(
-                ErrorCode::BlobUnknown,
-                format!("{} chunks of the recipe are not stored; upload them first", missing.len()),
-            )
-            .with_status(StatusCode::BAD_REQUEST)
-            .with_detail(json!({ "missing": missing.iter().take(100).collect::<Vec<_>>() })));
-        }
+    if recipe.entries.is_empty() && digest != Sha256Digest::of(b"") {
+        return Err(ApiError::digest_invalid(format!(
+            "a recipe without entries describes the empty blob, not {digest}"
+        )));
+    }
+    // Possession: linking a blob the registry already holds needs the caller to name
+    // exactly its pieces (the chunk ids are as good as the bytes), or a recipe whose chunks
+    // are all stored and reassemble to the digest. Naming the digest alone proves nothing:
+    // digests are public in manifests and referrers.
+    let stored = state.store.get_recipe(&digest).await?;
+    let proven = stored.as_ref().is_some_and(|s| s.size == recipe.size && s.entries == recipe.entries);
+    if !proven {
         let recipe = Arc::new(recipe);
-        let actual = ingest::digest_of_recipe(state.store.clone(), recipe.clone()).await?;
-        if actual != digest {
-            return Err(ApiError::digest_invalid(format!(
-                "the recipe's chunks reassemble to {actual}, not {digest}"
-            )));
+        verify_in_full(state, &recipe, &digest).await?;
+        if stored.is_none() {
+            state.store.put_recipe(&recipe).await?;
         }
-        state.store.put_recipe(&recipe).await?;
-        state.store.link_blob(name, &digest, recipe.size).await?;
+        state.store.link_blob(name, &digest, stored.as_ref().map_or(recipe.size, |s| s.size)).await?;
     } else {
-        let size = state.store.get_recipe(&digest).await?.map_or(recipe.size, |r| r.size);
-        state.store.link_blob(name, &digest, size).await?;
+        state.store.link_blob(name, &digest, recipe.size).await?;
     }
     tracing::info!(repository = %name, %digest, "blob committed from recipe");
     Ok(super::blobs::blob_created(name, &digest))
+}
+
+/// Checks that every chunk `recipe` names is stored and that they reassemble to `digest`.
+async fn verify_in_full(state: &Arc<AppState>, recipe: &Arc<Recipe>, digest: &Sha256Digest) -> ApiResult<()> {
+    let ids = recipe.distinct_chunks();
+    let present = which_present(&state.store, &ids).await?;
+    let missing: Vec<String> =
+        ids.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| id.to_string()).collect();
+    if !missing.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::BlobUnknown,
+            format!("{} chunks of the recipe are not stored; upload them first", missing.len()),
+        )
+        .with_status(StatusCode::BAD_REQUEST)
+        .with_detail(json!({ "missing": missing.iter().take(100).collect::<Vec<_>>() })));
+    }
+    let actual = ingest::digest_of_recipe(state.store.clone(), recipe.clone()).await?;
+    if actual != *digest {
+        return Err(ApiError::digest_invalid(format!(
+            "the recipe's chunks reassemble to {actual}, not {digest}"
+        )));
+    }
+    Ok(())
 }
 
 pub(super) async fn recipe(state: &Arc<AppState>, name: &str, digest: &str) -> ApiResult<Response> {
