@@ -133,20 +133,25 @@ async fn identify(auth: &Arc<Auth>, headers: &HeaderMap) -> Caller {
     }
     if scheme.eq_ignore_ascii_case("basic") {
         return match check_basic(auth, credentials.trim()).await {
-            Some(user) => Caller::Basic(user),
-            None => Caller::Invalid("user name or password is wrong".into()),
+            Ok(Some(user)) => Caller::Basic(user),
+            Ok(None) => Caller::Invalid("user name or password is wrong".into()),
+            Err(busy) => Caller::Invalid(busy.to_string()),
         };
     }
     Caller::Invalid(format!("unsupported authorization scheme {scheme:?}"))
 }
 
-/// Decodes and checks Basic credentials; bcrypt runs off the async threads.
-async fn check_basic(auth: &Arc<Auth>, encoded: &str) -> Option<String> {
-    let decoded = String::from_utf8(STANDARD.decode(encoded).ok()?).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    let (user, password) = (user.to_owned(), password.to_owned());
-    let auth = auth.clone();
-    tokio::task::spawn_blocking(move || auth.check_password(&user, &password).then_some(user)).await.ok()?
+/// Decodes and checks Basic credentials; bcrypt runs on the bounded credential threads.
+async fn check_basic(auth: &Arc<Auth>, encoded: &str) -> Result<Option<String>, super::CheckError> {
+    let Some((user, password)) = STANDARD
+        .decode(encoded)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())))
+    else {
+        return Ok(None);
+    };
+    Ok(auth.check_password_bounded(user.clone(), password).await?.then_some(user))
 }
 
 /// A cross-repository mount from a repository the caller may not pull becomes a plain
