@@ -111,7 +111,7 @@ pub(crate) struct Limiter {
 #[derive(Debug)]
 pub(crate) struct Admission {
     _global: OwnedSemaphorePermit,
-    client: Option<ClientSlot>,
+    _client: Option<ClientSlot>,
 }
 
 #[derive(Debug)]
@@ -214,7 +214,7 @@ impl Limiter {
             }
         };
         match tokio::time::timeout_at(deadline, self.inflight.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Admission { _global: permit, client }),
+            Ok(Ok(permit)) => Ok(Admission { _global: permit, _client: client }),
             _ => Err(busy(format!(
                 "the registry is handling {} requests, its limit; retry later",
                 self.limits.max_inflight
