@@ -288,7 +288,7 @@ async fn amplify(host: &str, entries: u32, counts: &Counts, until: Instant) -> R
         n += 1;
         let digest = Sha256Digest::of(format!("made up {n}").as_bytes());
         let recipe = Recipe {
-            digest: digest.clone(),
+            digest,
             size: u64::from(entries) * u64::from(CHUNK_LEN),
             chunker: ChunkerParams::fixed(CHUNK_LEN),
             entries: vec![RecipeEntry::Data { len: CHUNK_LEN, id }; entries as usize],
