@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+mod conn;
 mod error;
 mod handlers;
 mod ingest;
@@ -31,7 +32,10 @@ use thaw_schema::chunker::ChunkerParams;
 
 pub use error::{ApiError, ApiResult};
 pub use handlers::{router, AppState};
-pub use limits::{Limits, RateLimit, DEFAULT_INFLIGHT_WAIT, DEFAULT_MAX_INFLIGHT};
+pub use limits::{
+    Limits, RateLimit, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_INFLIGHT_WAIT,
+    DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_PER_CLIENT, DEFAULT_SEND_TIMEOUT,
+};
 pub use storage::faults::{Fault, Faults, Faulty, Op, Rule, RuleId};
 pub use storage::metrics::{process_storage_metrics, Counted, StorageCounts, StorageMetrics};
 pub use storage::{
@@ -258,21 +262,16 @@ pub async fn collect_garbage(storage: &str, options: &GcOptions) -> anyhow::Resu
     Ok(store.collect_garbage(options, None).await?)
 }
 
-/// The router as a service that records each connection's peer address, which the
-/// per-client rate limit keys on.
-fn make_service(
-    state: Arc<AppState>,
-    auth: Option<Arc<auth::Auth>>,
-) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, SocketAddr> {
-    router_with_auth(state, auth).into_make_service_with_connect_info::<SocketAddr>()
-}
-
-/// The router behind the auth middleware when `auth` is set (see [`auth`]).
+/// The router behind the auth middleware when `auth` is set (see [`auth`]), both behind the
+/// limits layer: a request is counted against its client's and the process's in-flight caps
+/// before any authentication work (bcrypt included) is done for it.
 pub fn router_with_auth(state: Arc<AppState>, auth: Option<Arc<auth::Auth>>) -> axum::Router {
-    match auth {
+    let limits = axum::middleware::from_fn_with_state(state.clone(), limits::enforce);
+    let app = match auth {
         None => router(state),
         Some(auth) => router(state).layer(axum::middleware::from_fn_with_state(auth, auth::authorize)),
-    }
+    };
+    app.layer(limits)
 }
 
 /// Serves `config` with default [`ServeOptions`] until `shutdown` completes.
@@ -306,14 +305,11 @@ async fn serve_on(
     tls: Option<tls::ReloadingConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let limits = state.limiter.limits().clone();
+    let app = router_with_auth(state, auth);
     match tls {
-        None => axum::serve(listener, make_service(state, auth)).with_graceful_shutdown(shutdown).await?,
-        Some(config) => {
-            use axum::serve::ListenerExt as _;
-            // `tap_io` is how axum hands a custom listener's peer address to `ConnectInfo`.
-            let listener = tls::TlsListener::new(listener, config)?.tap_io(|_| {});
-            axum::serve(listener, make_service(state, auth)).with_graceful_shutdown(shutdown).await?
-        }
+        None => conn::serve(listener, app, &limits, shutdown).await,
+        Some(config) => conn::serve(tls::TlsListener::new(listener, config)?, app, &limits, shutdown).await,
     }
     Ok(())
 }

@@ -1,23 +1,46 @@
-//! Request limits applied before any handler runs: a per-client token bucket (429
-//! `TOOMANYREQUESTS` with `Retry-After`) and a cap on requests in flight (requests past it
-//! queue for a bounded time, then get 503 `UNAVAILABLE` with `Retry-After`). Body size
-//! limits live with the handlers that read bodies (docs/API.md, "Limits").
+//! Request limits applied before any other work, authentication included (the layer is the
+//! outermost one, see `router_with_auth`): a per-client token bucket (429 `TOOMANYREQUESTS`
+//! with `Retry-After`), a cap on requests in flight per client address and one for the
+//! process (requests past either queue for a bounded time, then get 503 `UNAVAILABLE` with
+//! `Retry-After`), and a bound on how long a request body may stall. Connection timeouts
+//! (request head, keep-alive idle, unread responses) live in `conn`; body size limits with
+//! the handlers that read bodies (docs/API.md, "Limits").
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use hyper::body::{Frame, SizeHint};
 use thaw_schema::ErrorCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
+use crate::handlers::AppState;
 
 /// Default cap on requests being handled at once (see docs/DECISIONS.md D15).
 pub const DEFAULT_MAX_INFLIGHT: usize = 128;
-/// Default time a request past the cap waits for a slot before its 503.
+/// Default cap on requests one client address has in flight: a quarter of the process cap,
+/// so one client (or a few) cannot hold every slot.
+pub const DEFAULT_MAX_INFLIGHT_PER_CLIENT: usize = 32;
+/// Default time a request past a cap waits for a slot before its 503.
 pub const DEFAULT_INFLIGHT_WAIT: Duration = Duration::from_secs(5);
+/// Default time a connection has to deliver a complete request head, counted from its
+/// accept or from the end of its previous response (so also the keep-alive idle timeout).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default time a request body may go without delivering a byte while the handler waits.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a response may wait for the client to read (a write that cannot proceed).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A token bucket per client IP address: `per_second` requests on average, bursts of up to
 /// `burst`.
@@ -34,15 +57,32 @@ pub struct RateLimit {
 pub struct Limits {
     /// Requests handled at once (a streamed response counts until its body ends).
     pub max_inflight: usize,
-    /// How long a request past `max_inflight` waits before 503 `UNAVAILABLE`.
+    /// Requests one client address has in flight; checked before `max_inflight` and before
+    /// any authentication work.
+    pub max_inflight_per_client: usize,
+    /// How long a request past either cap waits before 503 `UNAVAILABLE`.
     pub inflight_wait: Duration,
     /// Per-client rate limit; `None` (the default) for none.
     pub rate: Option<RateLimit>,
+    /// Time to deliver a request head, from accept or the previous response's end.
+    pub header_timeout: Duration,
+    /// Longest stall of a request body the handler is waiting on.
+    pub body_timeout: Duration,
+    /// Longest time a response write may wait for the client to read.
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_inflight: DEFAULT_MAX_INFLIGHT, inflight_wait: DEFAULT_INFLIGHT_WAIT, rate: None }
+        Self {
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_inflight_per_client: DEFAULT_MAX_INFLIGHT_PER_CLIENT,
+            inflight_wait: DEFAULT_INFLIGHT_WAIT,
+            rate: None,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+        }
     }
 }
 
@@ -60,13 +100,50 @@ struct Bucket {
 pub(crate) struct Limiter {
     limits: Limits,
     inflight: Arc<Semaphore>,
+    /// One semaphore per client address with requests in flight or queued; an entry goes
+    /// when its last request does, so the map is bounded by requests, not by addresses seen.
+    per_client: Arc<Mutex<HashMap<IpAddr, Arc<Semaphore>>>>,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+/// The slots one request holds: its client's and the process's. Dropped when the response
+/// body has been sent (or the connection is gone).
+#[derive(Debug)]
+pub(crate) struct Admission {
+    _global: OwnedSemaphorePermit,
+    _client: Option<ClientSlot>,
+}
+
+#[derive(Debug)]
+struct ClientSlot {
+    ip: IpAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    map: Arc<Mutex<HashMap<IpAddr, Arc<Semaphore>>>>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else { return };
+        let semaphore = permit.semaphore().clone();
+        drop(permit);
+        let mut map = self.map.lock().expect("per-client map lock");
+        // Ours and the map's are the only references: nobody holds or waits for a slot.
+        if Arc::strong_count(&semaphore) == 2 && map.get(&self.ip).is_some_and(|s| Arc::ptr_eq(s, &semaphore))
+        {
+            map.remove(&self.ip);
+        }
+    }
 }
 
 impl Limiter {
     pub(crate) fn new(limits: Limits) -> Self {
         let inflight = Arc::new(Semaphore::new(limits.max_inflight.max(1)));
-        Self { limits, inflight, buckets: Mutex::new(HashMap::new()) }
+        Self { limits, inflight, per_client: Arc::default(), buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// The limits it enforces.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Takes a token from `client`'s bucket, or says when to come back (429).
@@ -99,21 +176,148 @@ impl Limiter {
         .with_header("retry-after", wait.to_string()))
     }
 
-    /// A slot for one request, waiting up to `inflight_wait` for one (then 503).
-    pub(crate) async fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        let acquire = self.inflight.clone().acquire_owned();
-        match tokio::time::timeout(self.limits.inflight_wait, acquire).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(ApiError::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "the registry is handling {} requests, its limit; retry later",
-                    self.limits.max_inflight
-                ),
-            )
-            .with_status(StatusCode::SERVICE_UNAVAILABLE)
-            .with_header("retry-after", "1".to_owned())),
+    /// Slots for one request from `client`: first its client's (so a client at its cap
+    /// queues without touching the process's slots), then the process's; each waited for
+    /// within one `inflight_wait` (then 503).
+    pub(crate) async fn admit(&self, client: Option<IpAddr>) -> Result<Admission, ApiError> {
+        let deadline = tokio::time::Instant::now() + self.limits.inflight_wait;
+        let busy = |what: String| {
+            ApiError::new(ErrorCode::Unavailable, what)
+                .with_status(StatusCode::SERVICE_UNAVAILABLE)
+                .with_header("retry-after", "1".to_owned())
+        };
+        let client = match client {
+            None => None,
+            Some(ip) => {
+                let semaphore = {
+                    let mut map = self.per_client.lock().expect("per-client map lock");
+                    map.entry(ip)
+                        .or_insert_with(|| {
+                            Arc::new(Semaphore::new(self.limits.max_inflight_per_client.max(1)))
+                        })
+                        .clone()
+                };
+                // Registered before waiting, so a queued request keeps the entry alive.
+                let mut slot = ClientSlot { ip, permit: None, map: self.per_client.clone() };
+                match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
+                    Ok(Ok(permit)) => slot.permit = Some(permit),
+                    _ => {
+                        drop(slot);
+                        self.forget_if_unused(ip);
+                        return Err(busy(format!(
+                            "{ip} has {} requests in flight, its limit; retry later",
+                            self.limits.max_inflight_per_client
+                        )));
+                    }
+                }
+                Some(slot)
+            }
+        };
+        match tokio::time::timeout_at(deadline, self.inflight.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Admission { _global: permit, _client: client }),
+            _ => Err(busy(format!(
+                "the registry is handling {} requests, its limit; retry later",
+                self.limits.max_inflight
+            ))),
         }
+    }
+
+    /// Drops `ip`'s semaphore when nobody holds or waits for it (after a refused wait).
+    fn forget_if_unused(&self, ip: IpAddr) {
+        let mut map = self.per_client.lock().expect("per-client map lock");
+        if map.get(&ip).is_some_and(|s| Arc::strong_count(s) == 1) {
+            map.remove(&ip);
+        }
+    }
+
+    #[cfg(test)]
+    fn clients_tracked(&self) -> usize {
+        self.per_client.lock().unwrap().len()
+    }
+}
+
+/// The limits middleware, outermost: rate, then the client's and the process's in-flight
+/// slots, before any authentication or handler work. The slots are held until the response
+/// body has been sent; the request body is cut off when it stalls for `body_timeout`.
+pub(crate) async fn enforce(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let limiter = &state.limiter;
+    // Present when served through `serve`/`spawn`; a router called directly (`oneshot`)
+    // has no peer, so only the process-wide cap applies.
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    if let Err(e) = limiter.check_rate(peer) {
+        return e.into_response();
+    }
+    let admission = match limiter.admit(peer).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let timeout = limiter.limits().body_timeout;
+    let request = request.map(|body| Body::new(StallTimeout::new(body, timeout)));
+    hold_until_sent(next.run(request).await, admission)
+}
+
+/// Keeps the request's slots until a streamed body has been sent (a blob GET holds its read
+/// buffers that long); bodies already in memory release them at once.
+fn hold_until_sent(response: Response, admission: Admission) -> Response {
+    if response.body().size_hint().exact().is_some() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let stream = body.into_data_stream().map(move |piece| {
+        let _slots = &admission;
+        piece
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// A request body that fails with `TimedOut` when the handler has waited `timeout` for its
+/// next frame: a client that stops sending mid-body releases its slots instead of holding
+/// them forever. The clock runs only while the handler waits, not while it works.
+struct StallTimeout {
+    inner: Body,
+    timeout: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl StallTimeout {
+    fn new(inner: Body, timeout: Duration) -> Self {
+        Self { inner, timeout, waiting: None }
+    }
+}
+
+impl HttpBody for StallTimeout {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                self.waiting = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let waiting = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match waiting.as_mut().poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the request body sent nothing for {timeout:?}"),
+                    ))))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -140,12 +344,35 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_cap_a_request_waits_then_is_refused() {
-        let limiter =
-            Limiter::new(Limits { max_inflight: 1, inflight_wait: Duration::from_millis(50), rate: None });
-        let held = limiter.admit().await.unwrap();
-        let e = limiter.admit().await.unwrap_err();
+        let limiter = Limiter::new(Limits {
+            max_inflight: 1,
+            inflight_wait: Duration::from_millis(50),
+            ..Limits::default()
+        });
+        let held = limiter.admit(None).await.unwrap();
+        let e = limiter.admit(None).await.unwrap_err();
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         drop(held);
-        let _slot = limiter.admit().await.unwrap();
+        let _slot = limiter.admit(None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_at_its_cap_queues_alone_and_its_entry_goes_with_its_last_request() {
+        let limiter = Limiter::new(Limits {
+            max_inflight: 4,
+            max_inflight_per_client: 2,
+            inflight_wait: Duration::from_millis(50),
+            ..Limits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let held = [limiter.admit(Some(a)).await.unwrap(), limiter.admit(Some(a)).await.unwrap()];
+        let e = limiter.admit(Some(a)).await.unwrap_err();
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let other = [limiter.admit(Some(b)).await.unwrap(), limiter.admit(Some(b)).await.unwrap()];
+        assert_eq!(limiter.clients_tracked(), 2);
+        drop(held);
+        drop(other);
+        assert_eq!(limiter.clients_tracked(), 0, "no entry outlives its client's requests");
     }
 }

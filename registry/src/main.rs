@@ -20,9 +20,27 @@ struct Args {
     /// gets 503 UNAVAILABLE with Retry-After.
     #[arg(long, env = "THAW_MAX_INFLIGHT", default_value_t = thaw_registry::DEFAULT_MAX_INFLIGHT)]
     max_inflight: usize,
-    /// How long a request past --max-inflight waits for a slot, in milliseconds.
+    /// Requests one client address may have in flight, counted before any authentication
+    /// work; past it the client's requests wait up to --inflight-wait-ms, then get 503.
+    #[arg(long, env = "THAW_MAX_INFLIGHT_PER_CLIENT", default_value_t = thaw_registry::DEFAULT_MAX_INFLIGHT_PER_CLIENT)]
+    max_inflight_per_client: usize,
+    /// How long a request past --max-inflight or --max-inflight-per-client waits for a
+    /// slot, in milliseconds.
     #[arg(long, env = "THAW_INFLIGHT_WAIT_MS", default_value_t = thaw_registry::DEFAULT_INFLIGHT_WAIT.as_millis() as u64)]
     inflight_wait_ms: u64,
+    /// Time a connection has to send a complete request head, counted from its accept or
+    /// its previous response's end (so also the keep-alive idle timeout).
+    #[arg(long, env = "THAW_HEADER_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    header_timeout: Duration,
+    /// Longest a request body may send nothing while the registry waits for it.
+    #[arg(long, env = "THAW_BODY_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    body_timeout: Duration,
+    /// Longest a response may wait for the client to read before the connection is closed.
+    #[arg(long, env = "THAW_SEND_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    send_timeout: Duration,
+    /// bcrypt checks of Basic credentials run at once, on threads of their own.
+    #[arg(long, env = "THAW_CREDENTIAL_THREADS", default_value_t = thaw_registry::auth::DEFAULT_CREDENTIAL_THREADS)]
+    credential_threads: usize,
     /// Requests per second allowed per client IP address (token bucket); 0 turns the rate
     /// limit off (the default). Past it: 429 TOOMANYREQUESTS with Retry-After.
     #[arg(long, env = "THAW_RATE_LIMIT", default_value_t = 0.0)]
@@ -110,6 +128,21 @@ impl Args {
         if self.max_inflight == 0 {
             return Err("--max-inflight (THAW_MAX_INFLIGHT) must be at least 1".into());
         }
+        if self.max_inflight_per_client == 0 {
+            return Err("--max-inflight-per-client (THAW_MAX_INFLIGHT_PER_CLIENT) must be at least 1".into());
+        }
+        if self.credential_threads == 0 {
+            return Err("--credential-threads (THAW_CREDENTIAL_THREADS) must be at least 1".into());
+        }
+        for (name, d) in [
+            ("--header-timeout (THAW_HEADER_TIMEOUT)", self.header_timeout),
+            ("--body-timeout (THAW_BODY_TIMEOUT)", self.body_timeout),
+            ("--send-timeout (THAW_SEND_TIMEOUT)", self.send_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be more than 0"));
+            }
+        }
         if !(self.rate_limit >= 0.0 && self.rate_limit.is_finite()) {
             return Err(format!("--rate-limit (THAW_RATE_LIMIT) must be 0 or more, got {}", self.rate_limit));
         }
@@ -119,8 +152,12 @@ impl Args {
         });
         Ok(Limits {
             max_inflight: self.max_inflight,
+            max_inflight_per_client: self.max_inflight_per_client,
             inflight_wait: std::time::Duration::from_millis(self.inflight_wait_ms),
             rate,
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            send_timeout: self.send_timeout,
         })
     }
 }
@@ -160,7 +197,11 @@ async fn main() -> std::process::ExitCode {
     }
     if let Some(path) = &args.auth_config {
         match thaw_registry::auth::Auth::load(path) {
-            Ok(auth) => options.auth = Some(std::sync::Arc::new(auth.with_tls(options.tls.is_some()))),
+            Ok(auth) => {
+                let auth =
+                    auth.with_tls(options.tls.is_some()).with_credential_threads(args.credential_threads);
+                options.auth = Some(std::sync::Arc::new(auth))
+            }
             Err(e) => {
                 eprintln!("thaw-registry: {e:#}");
                 return std::process::ExitCode::FAILURE;

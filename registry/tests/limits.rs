@@ -69,7 +69,7 @@ async fn past_the_inflight_cap_requests_queue_then_get_503() {
     // One slot; the request holding it stalls on its store read until released.
     let start = |wait: Duration| async move {
         let faults = Faults::new(1);
-        let limits = Limits { max_inflight: 1, inflight_wait: wait, rate: None };
+        let limits = Limits { max_inflight: 1, inflight_wait: wait, ..Limits::default() };
         let options = ServeOptions::default().with_limits(limits).with_faults(faults.clone());
         let r = Arc::new(TestRegistry::start_with(options).await);
         let blob = Rng::new(9).bytes(100_000);

@@ -13,7 +13,18 @@
 //! seeds, pushes of new revisions (a corpus snapshot with a few memory pages rewritten, so
 //! most chunks dedup), `_thaw` missing-chunk queries, inspects, tag lists and plain OCI blob
 //! GETs with `Range`. Every pulled file is hashed against its source, every ranged read
-//! compared with the source bytes, every missing answer checked. The report goes to
+//! compared with the source bytes, every missing answer checked.
+//!
+//! The registry runs with `--auth-config` (one user, `load`, with push and pull on `load/*`),
+//! so the attacker has something to guess. For the second half of the run an attacker runs
+//! beside the honest clients, each part from its own loopback address so the per-client
+//! limits see it as another client: slow readers (blob GETs read a KiB every 2 s), slowloris
+//! connections (a header line every 2 s), bad passwords, and amplification recipes (one
+//! highly compressible 4 MiB chunk named thousands of times; the registry must refuse them
+//! with a 4xx). Honest clients must see no error; the report gives the p99 of a manifest GET
+//! before and during the attack and the registry's peak RSS. `--no-attacker` leaves it out.
+//!
+//! The report goes to
 //! `docs/benchmarks/load.md` (default scale) or `target/loadtest/load-quick.md`
 //! (`--quick`), or `--out FILE`, and is printed. Exit status 1 on any error or corruption.
 
@@ -31,8 +42,19 @@ use thaw_client::{ClientOptions, PullOptions, PushOptions, Reference, Registry, 
 use thaw_integration::corpus;
 use thaw_schema::digest::{ChunkId, Sha256Digest, Sha256Hasher};
 
+#[path = "loadtest/attacker.rs"]
+mod attacker;
+
 const USAGE: &str = "usage: loadtest [--clients N] [--seconds S] [--quick] [--corpus DIR] \
-                     [--registry-bin PATH] [--out FILE]";
+                     [--registry-bin PATH] [--out FILE] [--no-attacker] [--amplification-entries N]";
+/// The one user of the registry under test, and its password (`htpasswd -B`, cost 10).
+const USER: &str = "load";
+const PASSWORD: &str = "load-pw";
+const PASSWORD_HASH: &str = "$2b$10$vsU8Q8V1IL.pDf46KMNjm.hEWxjMyb0pLDzC12epWV.69mZzZp6Zi";
+/// Requests in flight per client address: the honest clients all leave from 127.0.0.1 (as
+/// pods behind one node's address would), so the cap is half the process cap rather than
+/// the default quarter; each attacker address gets the same.
+const PER_CLIENT_CAP: usize = 64;
 const PAGE: u64 = 4096;
 /// Memory pages a pushed revision rewrites.
 const CHANGED_PAGES: usize = 8;
@@ -46,6 +68,8 @@ struct Args {
     corpus: PathBuf,
     registry_bin: PathBuf,
     out: PathBuf,
+    attacker: bool,
+    amplification_entries: u32,
 }
 
 fn workspace_root() -> PathBuf {
@@ -59,6 +83,8 @@ fn parse_args() -> Result<Args> {
     let mut corpus = None;
     let mut registry_bin = None;
     let mut out = None;
+    let mut attacker = true;
+    let mut amplification_entries = 2048;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
@@ -69,6 +95,10 @@ fn parse_args() -> Result<Args> {
             "--corpus" => corpus = Some(PathBuf::from(value()?)),
             "--registry-bin" => registry_bin = Some(PathBuf::from(value()?)),
             "--out" => out = Some(PathBuf::from(value()?)),
+            "--no-attacker" => attacker = false,
+            "--amplification-entries" => {
+                amplification_entries = value()?.parse().context("--amplification-entries")?
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -92,6 +122,8 @@ fn parse_args() -> Result<Args> {
                 root.join("docs/benchmarks/load.md")
             }
         }),
+        attacker,
+        amplification_entries,
     };
     ensure!(args.clients > 0 && args.seconds > 0, "--clients and --seconds must be at least 1");
     Ok(args)
@@ -100,6 +132,7 @@ fn parse_args() -> Result<Args> {
 /// The operation kinds of the mix, with their weights (out of 100).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
+    ManifestGet,
     Pull,
     PullSeeded,
     PushRevision,
@@ -109,19 +142,21 @@ enum Kind {
     RangeGet,
 }
 
-const MIX: [(Kind, u64); 7] = [
+const MIX: [(Kind, u64); 8] = [
+    (Kind::ManifestGet, 10),
     (Kind::Pull, 15),
     (Kind::PullSeeded, 15),
     (Kind::PushRevision, 8),
     (Kind::Missing, 17),
     (Kind::Inspect, 10),
-    (Kind::Tags, 10),
-    (Kind::RangeGet, 25),
+    (Kind::Tags, 5),
+    (Kind::RangeGet, 20),
 ];
 
 impl Kind {
     fn name(self) -> &'static str {
         match self {
+            Self::ManifestGet => "manifest GET",
             Self::Pull => "pull",
             Self::PullSeeded => "pull with seed",
             Self::PushRevision => "push revision",
@@ -193,6 +228,9 @@ impl Catalog {
 #[derive(Default)]
 struct Outcome {
     latencies: BTreeMap<Kind, Vec<Duration>>,
+    /// Manifest GETs started before the attack and during it.
+    manifest_quiet: Vec<Duration>,
+    manifest_attacked: Vec<Duration>,
     errors: Vec<String>,
     corrupt: Vec<String>,
     bytes_pulled: u64,
@@ -262,9 +300,18 @@ impl RegistryProcess {
         let storage = work.join("storage");
         std::fs::create_dir_all(&storage)?;
         let log = std::fs::File::create(work.join("registry.log"))?;
+        std::fs::write(work.join("htpasswd"), format!("{USER}:{PASSWORD_HASH}\n"))?;
+        let auth = serde_json::json!({
+            "htpasswd": "htpasswd",
+            "grants": [{"user": USER, "repository": "load/*", "actions": ["pull", "push"]}],
+        });
+        std::fs::write(work.join("auth.json"), auth.to_string())?;
         let child = Command::new(bin)
             .args(["--listen", &addr, "--storage"])
             .arg(&storage)
+            .arg("--auth-config")
+            .arg(work.join("auth.json"))
+            .args(["--max-inflight-per-client", &PER_CLIENT_CAP.to_string()])
             .env("THAW_LOG", "warn")
             .env("THAW_UPLOAD_DIR", work.join("uploads"))
             .stdin(Stdio::null())
@@ -303,7 +350,12 @@ impl Drop for RegistryProcess {
 }
 
 fn client(host: &str) -> Result<Registry> {
-    let options = ClientOptions { plain_http: true, use_thaw: true, ..ClientOptions::default() };
+    let options = ClientOptions {
+        plain_http: true,
+        use_thaw: true,
+        credentials: Some(thaw_client::Credentials { username: USER.into(), password: PASSWORD.into() }),
+        ..ClientOptions::default()
+    };
     Ok(Registry::new(host, &options, Arc::new(Stats::new()))?)
 }
 
@@ -378,15 +430,23 @@ async fn drive(
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
+    // The attack runs for the second half, so one run measures both.
+    let attack_from = args.attacker.then(|| started + Duration::from_secs(args.seconds) / 2);
+    let attack = attack_from.map(|from| {
+        let (host, entries) = (host.clone(), args.amplification_entries);
+        let memory = catalog.bases[0].files.iter().find(|f| f.title == "memory").cloned();
+        let repository = catalog.bases[0].reference.repository().to_owned();
+        tokio::spawn(attacker::run(host, repository, memory.map(|f| f.digest), entries, from, deadline))
+    });
     let mut tasks = Vec::new();
     for c in 0..args.clients {
         let catalog = catalog.clone();
         let counters = counters.clone();
         let host = host.clone();
         let dir = work.join(format!("client-{c}"));
-        tasks.push(tokio::spawn(
-            async move { client_loop(c, &host, &catalog, &counters, &dir, deadline).await },
-        ));
+        tasks.push(tokio::spawn(async move {
+            client_loop(c, &host, &catalog, &counters, &dir, deadline, attack_from).await
+        }));
     }
     let mut outcome = Outcome::default();
     for t in tasks {
@@ -394,14 +454,25 @@ async fn drive(
         for (k, v) in o.latencies {
             outcome.latencies.entry(k).or_default().extend(v);
         }
+        outcome.manifest_quiet.extend(o.manifest_quiet);
+        outcome.manifest_attacked.extend(o.manifest_attacked);
         outcome.errors.extend(o.errors);
         outcome.corrupt.extend(o.corrupt);
         outcome.bytes_pulled += o.bytes_pulled;
     }
+    let attack = match attack {
+        Some(task) => Some(task.await.context("the attacker task panicked")?),
+        None => None,
+    };
     let elapsed = started.elapsed();
     let revisions = catalog.revisions.lock().unwrap().len();
     drop(catalog);
-    Ok(report(args, snapshots, &outcome, &counters, elapsed, base_push, revisions))
+    let (mut md, ok) = report(args, snapshots, &outcome, &counters, elapsed, base_push, revisions);
+    let attack_ok = attack.as_ref().is_none_or(attacker::Report::held);
+    if let Some(attack) = &attack {
+        md.push_str(&attack.markdown(&outcome.manifest_quiet, &outcome.manifest_attacked));
+    }
+    Ok((md, ok && attack_ok))
 }
 
 async fn client_loop(
@@ -411,6 +482,7 @@ async fn client_loop(
     counters: &Counters,
     dir: &Path,
     deadline: Instant,
+    attack_from: Option<Instant>,
 ) -> Outcome {
     let mut outcome = Outcome::default();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((c as u64 + 1) * 0x1000_0001));
@@ -448,6 +520,7 @@ async fn client_loop(
                 pushes += 1;
                 push_revision(&registry, catalog, c, pushes, &mut rng, dir).await
             }
+            Kind::ManifestGet => manifest_get(&http, host, &snapshot, counters).await,
             Kind::Missing => missing(&http, host, &snapshot, &mut rng, counters).await,
             Kind::Inspect => inspect(&registry, &snapshot).await,
             Kind::Tags => tags(&registry, &snapshot).await,
@@ -455,7 +528,15 @@ async fn client_loop(
         };
         let took = started.elapsed();
         match result {
-            Ok(()) => outcome.latencies.entry(kind).or_default().push(took),
+            Ok(()) => {
+                outcome.latencies.entry(kind).or_default().push(took);
+                if kind == Kind::ManifestGet {
+                    match attack_from {
+                        Some(at) if started >= at => outcome.manifest_attacked.push(took),
+                        _ => outcome.manifest_quiet.push(took),
+                    }
+                }
+            }
             Err(e) => {
                 let line = format!("client {c}, {} of {}: {e:#}", kind.name(), snapshot.reference);
                 eprintln!("ERROR {line}");
@@ -621,7 +702,8 @@ async fn missing(
     }
     let url = format!("http://{host}/v2/{}/_thaw/chunks/missing", snapshot.reference.repository());
     let body = serde_json::json!({ "chunks": ids });
-    let resp = send_retrying(counters, || http.post(&url).json(&body)).await?;
+    let resp =
+        send_retrying(counters, || http.post(&url).basic_auth(USER, Some(PASSWORD)).json(&body)).await?;
     let status = resp.status();
     let text = resp.text().await?;
     ensure!(status.as_u16() == 200, "POST {url}: {status}: {text}");
@@ -639,6 +721,34 @@ async fn missing(
         got.len(),
         want.len()
     );
+    Ok(())
+}
+
+/// A plain manifest GET by tag: the body must hash to the `Docker-Content-Digest` answered.
+async fn manifest_get(
+    http: &reqwest::Client,
+    host: &str,
+    snapshot: &Snapshot,
+    counters: &Counters,
+) -> Result<()> {
+    let reference = &snapshot.reference;
+    let url = format!(
+        "http://{host}/v2/{}/manifests/{}",
+        reference.repository(),
+        reference.tag().context("a tagged reference")?
+    );
+    let resp = send_retrying(counters, || {
+        http.get(&url)
+            .basic_auth(USER, Some(PASSWORD))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+    })
+    .await?;
+    let status = resp.status();
+    let digest = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = resp.bytes().await?;
+    ensure!(status.as_u16() == 200, "GET {url}: {status}: {}", String::from_utf8_lossy(&body));
+    let got = Sha256Digest::of(&body).to_string();
+    ensure!(digest.as_deref() == Some(got.as_str()), "CORRUPT: {url} hashes to {got}, answered {digest:?}");
     Ok(())
 }
 
@@ -679,8 +789,10 @@ async fn range_get(
     let start = rng.below(file.size.saturating_sub(len) + 1);
     let end = start + len - 1;
     let url = format!("http://{host}/v2/{}/blobs/{}", snapshot.reference.repository(), file.digest);
-    let resp =
-        send_retrying(counters, || http.get(&url).header("Range", format!("bytes={start}-{end}"))).await?;
+    let resp = send_retrying(counters, || {
+        http.get(&url).basic_auth(USER, Some(PASSWORD)).header("Range", format!("bytes={start}-{end}"))
+    })
+    .await?;
     let status = resp.status();
     ensure!(
         status.as_u16() == 206,
@@ -706,7 +818,7 @@ async fn range_get(
     Ok(())
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -714,7 +826,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     if ms < 10.0 {
         format!("{ms:.2}")
@@ -769,7 +881,9 @@ fn report(
     md.push_str(&format!(
         "Written by `cargo run -p thaw-integration --release --bin loadtest{}` (issue #9). {} concurrent clients \
          (tokio tasks, each with its own `thaw_client::Registry`) against one `thaw-registry` process \
-         (filesystem storage, default limits: {} requests in flight, then a {} s wait before 503). Clients start \
+         (filesystem storage, `--auth-config` with one user whom every client logs in as, default limits but \
+         {PER_CLIENT_CAP} requests in flight per client address, as all honest clients share 127.0.0.1: {} requests \
+         in flight, then a {} s wait before 503). Clients start \
          operations for {} s; the run ends when the last one finishes ({:.0} s), and rates are over that time. \
          Clients and registry share the machine's cores, so latencies include the clients' own chunking, \
          hashing and verification.\n\n",

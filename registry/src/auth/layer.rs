@@ -187,17 +187,17 @@ async fn identify(auth: &Arc<Auth>, headers: &HeaderMap) -> Caller {
             Err(e) => Caller::Invalid(e.to_string()),
         },
         Credentials::Basic { user, password } => match check_basic(auth, user, password).await {
-            Some(user) => Caller::Basic(user),
-            None => Caller::Invalid("user name or password is wrong".into()),
+            Ok(Some(user)) => Caller::Basic(user),
+            Ok(None) => Caller::Invalid("user name or password is wrong".into()),
+            Err(busy) => Caller::Invalid(busy.to_string()),
         },
         Credentials::Invalid(why) => Caller::Invalid(why),
     }
 }
 
-/// Checks Basic credentials; bcrypt runs off the async threads.
-async fn check_basic(auth: &Arc<Auth>, user: String, password: String) -> Option<String> {
-    let auth = auth.clone();
-    tokio::task::spawn_blocking(move || auth.check_password(&user, &password).then_some(user)).await.ok()?
+/// Checks Basic credentials; bcrypt runs on the bounded credential threads.
+async fn check_basic(auth: &Arc<Auth>, user: String, password: String) -> Result<Option<String>, super::CheckError> {
+    Ok(auth.check_password_bounded(user.clone(), password).await?.then_some(user))
 }
 
 /// `GET /v2/_thaw/token?service=…&scope=…[&scope=…]`, optionally with Basic credentials.

@@ -9,15 +9,17 @@
 mod layer;
 mod token;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use axum::http::Method;
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
+use tokio::sync::Semaphore;
 
 use crate::routes::{Query, Route};
 
@@ -179,10 +181,35 @@ pub struct Auth {
     token_key: Vec<u8>,
     token_ttl: Duration,
     tls: bool,
-    /// sha256(user, password, hash) of Basic credentials already checked, so bcrypt (tens of
-    /// milliseconds by design) runs once per credential, not once per request.
-    verified: Mutex<BTreeSet<[u8; 32]>>,
+    /// HMAC(process key; user, password, hash) of Basic credentials checked within
+    /// [`VERIFIED_TTL`], so bcrypt (tens of milliseconds by design) runs once per credential
+    /// and period, not once per request. Keyed, so the cache holds nothing an attacker could
+    /// test passwords against offline.
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    verified_key: [u8; 32],
+    /// A bcrypt hash of a random password at the users' highest cost: unknown users are
+    /// checked against it, so they take as long as known ones (no user-name oracle).
+    dummy_hash: String,
+    /// Bounds bcrypt runs at once; they run on threads of their own, never on the blocking
+    /// pool that ingest uses.
+    checks: Arc<Semaphore>,
 }
+
+/// Why a credential check did not answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// Every credential-check thread stayed busy for [`CREDENTIAL_WAIT`].
+    #[error("the registry is busy checking other credentials; retry later")]
+    Busy,
+}
+
+/// Default bcrypt checks run at once (`--credential-threads`).
+pub const DEFAULT_CREDENTIAL_THREADS: usize = 2;
+/// How long a credential check waits for a free thread before it gives up.
+pub const CREDENTIAL_WAIT: Duration = Duration::from_secs(10);
+/// How long a verified credential is remembered.
+pub const VERIFIED_TTL: Duration = Duration::from_secs(300);
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -236,6 +263,9 @@ impl Auth {
             }
         }
         let token_key = key.unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
+        let cost = users.values().filter_map(|h| bcrypt_cost(h)).max().unwrap_or(4);
+        let dummy_hash = bcrypt::hash(hex::encode(rand::random::<[u8; 16]>()), cost)
+            .context("hashing the stand-in password for unknown users")?;
         Ok(Self {
             users,
             service: file.service.clone().unwrap_or_else(|| DEFAULT_SERVICE.into()),
@@ -243,8 +273,17 @@ impl Auth {
             file,
             token_key,
             tls: false,
-            verified: Mutex::new(BTreeSet::new()),
+            verified: Mutex::new(HashMap::new()),
+            verified_key: rand::random(),
+            dummy_hash,
+            checks: Arc::new(Semaphore::new(DEFAULT_CREDENTIAL_THREADS)),
         })
+    }
+
+    /// The same auth running at most `threads` bcrypt checks at once (at least 1).
+    pub fn with_credential_threads(mut self, threads: usize) -> Self {
+        self.checks = Arc::new(Semaphore::new(threads.max(1)));
+        self
     }
 
     /// Marks the registry as served over TLS (the default realm then says `https`).
@@ -258,27 +297,60 @@ impl Auth {
         &self.service
     }
 
-    /// Checks a user's password (bcrypt), caching successes.
+    /// Checks a user's password (bcrypt), caching successes. Blocks for the bcrypt run:
+    /// call [`Auth::check_password_bounded`] from async code.
+    ///
+    /// An unknown user costs one bcrypt run against a stand-in hash, as a known one does.
     pub fn check_password(&self, user: &str, password: &str) -> bool {
-        let Some(hash) = self.users.get(user) else { return false };
-        let mut h = Sha256::new();
+        let known = self.users.get(user);
+        let hash = known.unwrap_or(&self.dummy_hash);
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.verified_key).expect("HMAC takes any key");
         for part in [user, password, hash] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
+            mac.update(&(part.len() as u64).to_le_bytes());
+            mac.update(part.as_bytes());
         }
-        let fingerprint: [u8; 32] = h.finalize().into();
-        if self.verified.lock().expect("verified cache poisoned").contains(&fingerprint) {
+        let fingerprint: [u8; 32] = mac.finalize().into_bytes().into();
+        let now = Instant::now();
+        let cached = self.verified.lock().expect("verified cache poisoned").get(&fingerprint).copied();
+        if cached.is_some_and(|at| now.duration_since(at) < VERIFIED_TTL) {
             return true;
         }
-        let ok = bcrypt::verify(password, hash).unwrap_or(false);
+        let ok = bcrypt::verify(password, hash).unwrap_or(false) && known.is_some();
         if ok {
             let mut cache = self.verified.lock().expect("verified cache poisoned");
             if cache.len() >= MAX_VERIFIED_CACHE {
-                cache.clear();
+                cache.retain(|_, at| now.duration_since(*at) < VERIFIED_TTL);
+                if cache.len() >= MAX_VERIFIED_CACHE {
+                    cache.clear();
+                }
             }
-            cache.insert(fingerprint);
+            cache.insert(fingerprint, now);
         }
         ok
+    }
+
+    /// [`Auth::check_password`] on a thread of its own, at most `--credential-threads` at
+    /// once; waits up to [`CREDENTIAL_WAIT`] for a turn. A flood of bad passwords thus costs
+    /// a bounded share of the CPU and never occupies the blocking pool ingest needs.
+    pub async fn check_password_bounded(
+        self: &Arc<Self>,
+        user: String,
+        password: String,
+    ) -> Result<bool, CheckError> {
+        let permit = tokio::time::timeout(CREDENTIAL_WAIT, self.checks.clone().acquire_owned())
+            .await
+            .map_err(|_| CheckError::Busy)?
+            .map_err(|_| CheckError::Busy)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let auth = self.clone();
+        let spawned = std::thread::Builder::new().name("thaw-credentials".into()).spawn(move || {
+            let _turn = permit;
+            let _ = tx.send(auth.check_password(&user, &password));
+        });
+        if spawned.is_err() {
+            return Err(CheckError::Busy);
+        }
+        rx.await.map_err(|_| CheckError::Busy)
     }
 
     fn is_admin(&self, user: Option<&str>) -> bool {
@@ -317,6 +389,11 @@ impl Auth {
 /// user file without `htpasswd`.
 pub fn hash_password(password: &str, cost: u32) -> anyhow::Result<String> {
     Ok(bcrypt::hash(password, cost)?)
+}
+
+/// The cost field of a bcrypt hash (`$2y$10$…` → 10).
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    hash.get(4..6)?.parse().ok()
 }
 
 /// Parses `user:hash` lines; only bcrypt hashes (`$2y$`, `$2a$`, `$2b$`) are accepted.
@@ -414,6 +491,20 @@ mod tests {
         assert_eq!(parse_scope("registry:catalog:*"), vec![Access::Catalog]);
         assert!(parse_scope("garbage").is_empty());
         assert!(parse_scope("repository:x").is_empty());
+    }
+
+    #[test]
+    fn unknown_users_pay_for_a_check_and_successes_are_remembered() {
+        let hash = hash_password("right", 4).unwrap();
+        let users = HashMap::from([("alice".to_owned(), hash)]);
+        let auth = Auth::new(AuthFile::default(), users, None).unwrap();
+        assert_eq!(bcrypt_cost(&auth.dummy_hash), Some(4), "the stand-in hash costs what users' do");
+        assert!(!auth.check_password("bob", "right"));
+        assert!(!auth.check_password("alice", "wrong"));
+        assert!(auth.check_password("alice", "right"));
+        assert_eq!(auth.verified.lock().unwrap().len(), 1);
+        assert!(auth.check_password("alice", "right"));
+        assert!(!auth.check_password("bob", &auth.dummy_hash.clone()), "no password opens the stand-in");
     }
 
     #[test]

@@ -6,18 +6,16 @@ mod manifests;
 mod nodes;
 mod thaw;
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::body::{Body, HttpBody};
-use axum::extract::{ConnectInfo, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use thaw_schema::chunker::ChunkerParams;
 use thaw_schema::ErrorCode;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::{ApiError, ApiResult};
 use crate::routes::{self, Query, Route};
@@ -53,36 +51,23 @@ pub(crate) struct Request {
 }
 
 async fn dispatch(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
+    // Rate and in-flight limits are enforced by the outermost layer (`limits::enforce`),
+    // before authentication.
     let (parts, body) = request.into_parts();
-    // Present when served through `serve`/`spawn`; a router called directly (`oneshot`)
-    // has no peer and no rate limit.
-    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let mut response = match admit(&state, peer).await {
+    // The auth layer leaves the query it authorized in the extensions; without auth it is
+    // parsed here, by the same function.
+    let query = match parts.extensions.get::<Query>() {
+        Some(query) => Ok(query.clone()),
+        None => Query::parse(parts.uri.query().unwrap_or(""), &[]),
+    };
+    let mut response = match query {
+        Ok(query) => route(&state, parts.method, &parts.uri, query, parts.headers, body).await,
         Err(e) => e.into_response(),
-        Ok(permit) => {
-            // The auth layer leaves the query it authorized in the extensions; without auth
-            // it is parsed here, by the same function.
-            let query = match parts.extensions.get::<Query>() {
-                Some(query) => Ok(query.clone()),
-                None => Query::parse(parts.uri.query().unwrap_or(""), &[]),
-            };
-            let response = match query {
-                Ok(query) => route(&state, parts.method, &parts.uri, query, parts.headers, body).await,
-                Err(e) => e.into_response(),
-            };
-            hold_until_sent(response, permit)
-        }
     };
     response
         .headers_mut()
         .insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     response
-}
-
-/// Applies the rate limit, then waits for an in-flight slot.
-async fn admit(state: &AppState, peer: Option<IpAddr>) -> ApiResult<OwnedSemaphorePermit> {
-    state.limiter.check_rate(peer)?;
-    state.limiter.admit().await
 }
 
 async fn route(
@@ -98,20 +83,6 @@ async fn route(
         Ok(route) => handle(state, route, request).await.unwrap_or_else(IntoResponse::into_response),
         Err(e) => e.into_response(),
     }
-}
-
-/// Keeps the in-flight slot until a streamed body has been sent (a blob GET holds its read
-/// buffers that long); bodies already in memory release it at once.
-fn hold_until_sent(response: Response, permit: OwnedSemaphorePermit) -> Response {
-    if response.body().size_hint().exact().is_some() {
-        return response;
-    }
-    let (parts, body) = response.into_parts();
-    let stream = body.into_data_stream().map(move |piece| {
-        let _slot = &permit;
-        piece
-    });
-    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 async fn handle(state: &Arc<AppState>, route: Route, req: Request) -> ApiResult<Response> {
