@@ -50,6 +50,8 @@ pub(crate) struct Request {
     pub(crate) headers: HeaderMap,
     pub(crate) query: HashMap<String, String>,
     pub(crate) body: Body,
+    /// The TCP peer's address (`None` for a router called without one, as tests do).
+    pub(crate) client: Option<IpAddr>,
 }
 
 async fn dispatch(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
@@ -60,7 +62,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: axum::extract::Re
     let mut response = match admit(&state, peer).await {
         Err(e) => e.into_response(),
         Ok(permit) => {
-            let response = route(&state, parts.method, &parts.uri, parts.headers, body).await;
+            let response = route(&state, parts.method, &parts.uri, parts.headers, body, peer).await;
             hold_until_sent(response, permit)
         }
     };
@@ -76,9 +78,16 @@ async fn admit(state: &AppState, peer: Option<IpAddr>) -> ApiResult<OwnedSemapho
     state.limiter.admit().await
 }
 
-async fn route(state: &Arc<AppState>, method: Method, uri: &Uri, headers: HeaderMap, body: Body) -> Response {
+async fn route(
+    state: &Arc<AppState>,
+    method: Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: Body,
+    client: Option<IpAddr>,
+) -> Response {
     let query = parse_query(uri.query().unwrap_or(""));
-    let request = Request { method, headers, query, body };
+    let request = Request { method, headers, query, body, client };
     match routes::parse(uri.path()) {
         Ok(route) => handle(state, route, request).await.unwrap_or_else(IntoResponse::into_response),
         Err(e) => e.into_response(),
