@@ -164,7 +164,7 @@ impl Uploads {
     pub(crate) fn create(&self, repo: &str, client: Option<IpAddr>) -> ApiResult<String> {
         let mut sessions = self.sessions.lock().expect("lock");
         let refuse =
-            |why: String| ApiError::new(ErrorCode::TooManyRequests, why).with_header("retry-after", "10");
+            |why: String| ApiError::new(ErrorCode::TooManyRequests, why).with_header("retry-after", "10".to_owned());
         if sessions.len() >= self.limits.max_sessions {
             return Err(refuse(format!(
                 "{} upload sessions are open, the most this registry keeps: finish or cancel one, or retry later",
@@ -190,11 +190,6 @@ impl Uploads {
             Entry { repo: repo.to_owned(), client, session: Arc::new(tokio::sync::Mutex::new(session)) };
         sessions.insert(id.clone(), entry);
         Ok(id)
-    }
-
-    /// Number of open sessions.
-    pub(crate) fn len(&self) -> usize {
-        self.sessions.lock().expect("lock").len()
     }
 
     /// The session `id` of `repo`, or 404 `BLOB_UPLOAD_UNKNOWN`.
