@@ -163,8 +163,9 @@ impl Uploads {
     /// when the client or the whole process is at its cap of open sessions.
     pub(crate) fn create(&self, repo: &str, client: Option<IpAddr>) -> ApiResult<String> {
         let mut sessions = self.sessions.lock().expect("lock");
-        let refuse =
-            |why: String| ApiError::new(ErrorCode::TooManyRequests, why).with_header("retry-after", "10".to_owned());
+        let refuse = |why: String| {
+            ApiError::new(ErrorCode::TooManyRequests, why).with_header("retry-after", "10".to_owned())
+        };
         if sessions.len() >= self.limits.max_sessions {
             return Err(refuse(format!(
                 "{} upload sessions are open, the most this registry keeps: finish or cancel one, or retry later",
