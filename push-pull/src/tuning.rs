@@ -23,6 +23,11 @@ pub fn chunker_for(role: Option<FileRole>) -> ChunkerParams {
 /// up to 64 MiB; one chunk adds at most 4 MiB + 64 KiB, so bodies stay under ~17 MiB).
 pub const UPLOAD_BATCH_BYTES: usize = 12 * 1024 * 1024;
 
+/// A chunk upload batch is also sent once its chunks add up to this many uncompressed
+/// bytes: the registry refuses batches past `thaw_schema::batch::MAX_BATCH_RAW_LEN`
+/// (256 MiB), and one more chunk adds at most 4 MiB.
+pub const UPLOAD_BATCH_RAW_BYTES: u64 = 64 * 1024 * 1024;
+
 /// A chunk fetch asks for at most this many uncompressed bytes at once.
 pub const FETCH_BATCH_RAW_BYTES: u64 = 16 * 1024 * 1024;
 

@@ -22,7 +22,9 @@ use crate::local::OpenFiles;
 use crate::registry::{sha256_of_file, Registry};
 use crate::scan::{scan_file, Scan};
 use crate::stats::{Counter, Stats};
-use crate::tuning::{chunker_for, cpu_workers, TRANSFER_CONCURRENCY, UPLOAD_BATCH_BYTES, ZSTD_LEVEL};
+use crate::tuning::{
+    chunker_for, cpu_workers, TRANSFER_CONCURRENCY, UPLOAD_BATCH_BYTES, UPLOAD_BATCH_RAW_BYTES, ZSTD_LEVEL,
+};
 
 /// How files are cut and compressed on the way up.
 #[derive(Debug, Clone, Copy)]
@@ -334,7 +336,7 @@ pub(crate) fn compress_batches(
                 stats.add(Counter::ChunkCompressedBytes, chunk.payload.len() as u64);
                 stats.add(Counter::WorkDone, u64::from(chunk.raw_len));
                 batch.push(&id, &chunk);
-                if batch.len() >= UPLOAD_BATCH_BYTES {
+                if batch.len() >= UPLOAD_BATCH_BYTES || batch.raw_len() >= UPLOAD_BATCH_RAW_BYTES {
                     let full = std::mem::take(&mut batch);
                     let count = full.count();
                     if tx.blocking_send((Bytes::from(full.finish()), count)).is_err() {

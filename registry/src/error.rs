@@ -68,7 +68,9 @@ impl From<StoreError> for ApiError {
         tracing::error!(error = %e, "storage failure");
         match e {
             StoreError::Backend(_) => Self::new(ErrorCode::Unavailable, format!("storage unavailable: {e}")),
-            StoreError::Corrupt { .. } => Self::new(ErrorCode::Unknown, e.to_string()),
+            StoreError::Corrupt { .. } | StoreError::ChunkLength { .. } => {
+                Self::new(ErrorCode::Unknown, e.to_string())
+            }
         }
     }
 }

@@ -116,33 +116,60 @@ pub(crate) async fn ingest_file(
 /// Zeros for holes: a static slice, so reading a sparse blob allocates nothing for them.
 static ZEROS: [u8; MAX_CHUNK_LEN as usize] = [0; MAX_CHUNK_LEN as usize];
 
+/// The entries of a recipe that overlap bytes `[start, end)` of its blob, each with the
+/// part of it that lies inside, taken lazily from the shared recipe (a reader of a huge
+/// blob copies nothing of its recipe).
+#[derive(Clone)]
+struct Pieces {
+    recipe: Arc<Recipe>,
+    /// Next entry to look at, and the blob offset where it starts.
+    index: usize,
+    offset: u64,
+    start: u64,
+    end: u64,
+}
+
+impl Iterator for Pieces {
+    /// The entry, and the `[from, to)` of it to use.
+    type Item = (RecipeEntry, usize, usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while let Some(entry) = self.recipe.entries.get(self.index) {
+            let (entry_start, entry_end) = (self.offset, self.offset + u64::from(entry.byte_len()));
+            self.index += 1;
+            self.offset = entry_end;
+            if entry_end <= self.start {
+                continue;
+            }
+            if entry_start >= self.end {
+                self.index = self.recipe.entries.len();
+                return None;
+            }
+            let from = self.start.saturating_sub(entry_start) as usize;
+            let to = (self.end.min(entry_end) - entry_start) as usize;
+            return Some((*entry, from, to));
+        }
+        None
+    }
+}
+
 /// Streams bytes `[start, end)` of a blob from its recipe, reading (neighbouring chunks
-/// together) and verifying each chunk; zero entries cost nothing.
+/// together) and verifying each chunk; zero entries cost nothing. Memory is bounded by the
+/// chunk reader's windows, whatever the blob's size or how often a chunk repeats.
 pub(crate) fn read_range(
     store: Arc<Store>,
     recipe: Arc<Recipe>,
     start: u64,
     end: u64,
 ) -> BoxStream<'static, Result<Bytes, StoreError>> {
-    let mut pieces = Vec::new();
-    let mut offset = 0u64;
-    for (index, entry) in recipe.entries.iter().enumerate() {
-        let len = u64::from(entry.byte_len());
-        let (entry_start, entry_end) = (offset, offset + len);
-        offset = entry_end;
-        if entry_end <= start {
-            continue;
-        }
-        if entry_start >= end {
-            break;
-        }
-        let from = start.saturating_sub(entry_start) as usize;
-        let to = (end.min(entry_end) - entry_start) as usize;
-        pieces.push((recipe.entries[index], from, to));
-    }
-    let ids: Vec<ChunkId> = pieces.iter().filter_map(|(e, _, _)| e.chunk_id().copied()).collect();
-    let chunks = store.read_chunks(ids);
-    futures::stream::unfold((pieces.into_iter(), chunks), |(mut pieces, mut chunks)| async move {
+    let pieces = Pieces { recipe, index: 0, offset: 0, start, end };
+    let wanted = pieces.clone().filter_map(|(entry, _, _)| match entry {
+        RecipeEntry::Data { id, len } => Some((id, Some(len))),
+        RecipeEntry::Zero { .. } => None,
+    });
+    let chunks = store.read_chunks_sized(wanted);
+    futures::stream::unfold((Some(pieces), chunks), |(pieces, mut chunks)| async move {
+        let mut pieces = pieces?;
         let (entry, from, to) = pieces.next()?;
         let piece = match entry {
             RecipeEntry::Zero { .. } => Ok(Bytes::from_static(&ZEROS[from..to])),
@@ -160,14 +187,20 @@ pub(crate) fn read_range(
             },
         };
         // After an error the stream ends: the response is cut short, never padded.
-        let next = if piece.is_ok() { pieces } else { Vec::new().into_iter() };
+        let next = if piece.is_ok() { Some(pieces) } else { None };
         Some((piece, (next, chunks)))
     })
     .boxed()
 }
 
+/// Hashing is batched: pieces are handed to a blocking thread this many bytes at a time.
+const HASH_BATCH_BYTES: usize = 16 << 20;
+
 /// Reassembles a whole blob from its recipe and returns its SHA-256, hashing off the async
-/// threads. Used to check a recipe committed through `_thaw` before linking it.
+/// threads. Used to check a recipe committed through `_thaw` before linking it. Streams:
+/// memory stays within the chunk reader's windows plus one hashing batch (of shared,
+/// reference-counted pieces), and each distinct chunk of a window is read and decoded once,
+/// so a recipe naming one chunk thousands of times costs hashing, not memory.
 pub(crate) async fn digest_of_recipe(
     store: Arc<Store>,
     recipe: Arc<Recipe>,
@@ -175,13 +208,29 @@ pub(crate) async fn digest_of_recipe(
     let size = recipe.size;
     let mut pieces = read_range(store, recipe, 0, size);
     let mut hasher = Sha256Hasher::new();
-    while let Some(piece) = pieces.try_next().await? {
-        hasher = tokio::task::spawn_blocking(move || {
-            hasher.update(&piece);
-            hasher
-        })
-        .await
-        .map_err(|e| StoreError::Corrupt { key: "-".into(), why: e.to_string() })?;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_bytes = 0usize;
+    loop {
+        let piece = pieces.try_next().await?;
+        let done = piece.is_none();
+        if let Some(piece) = piece {
+            batch_bytes += piece.len();
+            batch.push(piece);
+        }
+        if batch_bytes >= HASH_BATCH_BYTES || (done && !batch.is_empty()) {
+            let work = std::mem::take(&mut batch);
+            batch_bytes = 0;
+            hasher = tokio::task::spawn_blocking(move || {
+                for piece in &work {
+                    hasher.update(piece);
+                }
+                hasher
+            })
+            .await
+            .map_err(|e| StoreError::Corrupt { key: "-".into(), why: e.to_string() })?;
+        }
+        if done {
+            return Ok(hasher.finish());
+        }
     }
-    Ok(hasher.finish())
 }

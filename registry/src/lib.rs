@@ -42,6 +42,9 @@ pub use storage::{
     ChunkWriter, GcOptions, GcReport, Store, StoreError, DEFAULT_GRACE, DEFAULT_PACK_TARGET,
     DEFAULT_REWRITE_BELOW,
 };
+pub use uploads::{
+    UploadLimits, DEFAULT_MAX_UPLOAD_SESSIONS, DEFAULT_MAX_UPLOAD_SESSIONS_PER_CLIENT, DEFAULT_UPLOAD_MAX_AGE,
+};
 
 /// Default zstd level for chunks the registry compresses itself (see docs/DECISIONS.md).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -80,6 +83,8 @@ pub struct ServeOptions {
     pub gc: GcOptions,
     /// Authentication and authorization; `None` serves everyone (the default).
     pub auth: Option<Arc<auth::Auth>>,
+    /// Caps on upload sessions and how long an idle one lives.
+    pub uploads: UploadLimits,
 }
 
 impl ServeOptions {
@@ -214,7 +219,7 @@ pub fn open_state(config: &RegistryConfig) -> anyhow::Result<Arc<AppState>> {
 /// Opens the storage named in `config` and builds the shared state.
 pub fn open_state_with(config: &RegistryConfig, options: &ServeOptions) -> anyhow::Result<Arc<AppState>> {
     let (objects, spool) = open_objects(config, options.faults.as_ref())?;
-    let uploads = uploads::Uploads::open(&spool)
+    let uploads = uploads::Uploads::open(&spool, options.uploads)
         .with_context(|| format!("preparing upload spool directory {}", spool.display()))?;
     let state = Arc::new(AppState {
         store: Arc::new(Store::new(objects)),
@@ -225,8 +230,36 @@ pub fn open_state_with(config: &RegistryConfig, options: &ServeOptions) -> anyho
     });
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         start_gc_tasks(&runtime, &state, options);
+        start_upload_expiry(&runtime, &state);
     }
     Ok(state)
+}
+
+/// Ends idle upload sessions on their own clock (GC is off by default, and a session is
+/// something any client can open): checks a few times per `max_age`, at most every minute.
+fn start_upload_expiry(runtime: &tokio::runtime::Handle, state: &Arc<AppState>) {
+    let max_age = state.uploads.limits().max_age;
+    let tick = (max_age / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let state = Arc::downgrade(state);
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(tick).await;
+            let Some(state) = state.upgrade() else { return };
+            let expired = state.uploads.expire(max_age);
+            drop(state);
+            if expired.is_empty() {
+                continue;
+            }
+            let n = expired.len();
+            let _ = tokio::task::spawn_blocking(move || {
+                for path in expired {
+                    let _ = std::fs::remove_file(path);
+                }
+            })
+            .await;
+            tracing::info!(sessions = n, "expired idle upload sessions");
+        }
+    });
 }
 
 /// Keeps this registry's serving lease (which makes a standalone `thaw-registry gc`
@@ -244,7 +277,7 @@ fn start_gc_tasks(runtime: &tokio::runtime::Handle, state: &Arc<AppState>, optio
                 tracing::warn!(error = %e, "gc run skipped");
                 continue;
             }
-            let expire = |age| state.uploads.expire(age);
+            let expire = |age| state.uploads.expire_now(age);
             if let Err(e) = state.store.collect_garbage(&gc, Some(&expire)).await {
                 tracing::error!(error = %e, "gc run failed");
             }

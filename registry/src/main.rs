@@ -62,9 +62,15 @@ struct Args {
     /// Grace period of those runs: content younger than this is kept.
     #[arg(long, env = "THAW_GC_GRACE", value_parser = parse_duration, default_value = "1h")]
     gc_grace: Duration,
-    /// Upload sessions untouched this long are expired by those runs.
+    /// Upload sessions untouched this long are ended (checked on their own clock, GC or not).
     #[arg(long, env = "THAW_UPLOAD_MAX_AGE", value_parser = parse_duration, default_value = "24h")]
     upload_max_age: Duration,
+    /// Upload sessions open at once in this process; past it, new ones get 429.
+    #[arg(long, env = "THAW_MAX_UPLOAD_SESSIONS", default_value_t = thaw_registry::DEFAULT_MAX_UPLOAD_SESSIONS)]
+    max_upload_sessions: usize,
+    /// Upload sessions open at once from one client IP address; past it, new ones get 429.
+    #[arg(long, env = "THAW_MAX_UPLOAD_SESSIONS_PER_CLIENT", default_value_t = thaw_registry::DEFAULT_MAX_UPLOAD_SESSIONS_PER_CLIENT)]
+    max_upload_sessions_per_client: usize,
     /// Turn authentication on: a JSON file naming the htpasswd file, grants and token key
     /// (docs/OPERATIONS.md). Without it the registry serves everyone.
     #[arg(long, env = "THAW_AUTH_CONFIG", value_name = "FILE")]
@@ -192,6 +198,11 @@ async fn main() -> std::process::ExitCode {
     options.gc_interval = args.gc_interval;
     options.gc.grace = args.gc_grace;
     options.gc.upload_max_age = args.upload_max_age;
+    options.uploads = thaw_registry::UploadLimits {
+        max_sessions: args.max_upload_sessions,
+        max_sessions_per_client: args.max_upload_sessions_per_client,
+        max_age: args.upload_max_age,
+    };
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         options = options.with_tls(thaw_registry::tls::TlsFiles::new(cert, key));
     }

@@ -10,6 +10,11 @@ pub const BATCH_MAGIC: &[u8; 8] = b"THAWCHK\x01";
 /// Bytes of an entry before its payload: id, codec, uncompressed and payload lengths.
 pub const ENTRY_HEADER_LEN: usize = 32 + 1 + 4 + 4;
 
+/// Largest sum of the uncompressed lengths of the chunks of one uploaded batch: a frame of
+/// a few hundred bytes may declare 4 MiB, so a batch is bounded in decoded bytes too, not
+/// only in body bytes. Writers close a batch well before (thaw's client at 64 MiB).
+pub const MAX_BATCH_RAW_LEN: u64 = 256 * 1024 * 1024;
+
 /// Appends one batch entry to `out` (for writers that stream a batch instead of building
 /// it with [`BatchWriter`]).
 pub fn encode_entry(out: &mut Vec<u8>, id: &ChunkId, chunk: &EncodedChunk) {
@@ -25,6 +30,7 @@ pub fn encode_entry(out: &mut Vec<u8>, id: &ChunkId, chunk: &EncodedChunk) {
 pub struct BatchWriter {
     buf: Vec<u8>,
     count: usize,
+    raw_len: u64,
 }
 
 impl Default for BatchWriter {
@@ -36,12 +42,17 @@ impl Default for BatchWriter {
 impl BatchWriter {
     /// An empty batch (magic only).
     pub fn new() -> Self {
-        Self { buf: BATCH_MAGIC.to_vec(), count: 0 }
+        Self { buf: BATCH_MAGIC.to_vec(), count: 0, raw_len: 0 }
     }
     /// Adds one chunk.
     pub fn push(&mut self, id: &ChunkId, chunk: &EncodedChunk) {
         encode_entry(&mut self.buf, id, chunk);
         self.count += 1;
+        self.raw_len += u64::from(chunk.raw_len);
+    }
+    /// Sum of the uncompressed lengths of the chunks added (see [`MAX_BATCH_RAW_LEN`]).
+    pub fn raw_len(&self) -> u64 {
+        self.raw_len
     }
     /// Body size so far, in bytes.
     pub fn len(&self) -> usize {

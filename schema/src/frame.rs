@@ -144,6 +144,11 @@ impl EncodedChunk {
         if codec == Codec::Raw && payload.len() != raw_len as usize {
             return Err(FrameError::Malformed("raw payload length differs from chunk length"));
         }
+        // Encoders keep zstd only when it shrinks the chunk, so readers may budget frames by
+        // their uncompressed length.
+        if codec == Codec::Zstd && payload.len() >= raw_len as usize {
+            return Err(FrameError::Malformed("zstd payload not smaller than the chunk"));
+        }
         Ok(Self { codec, raw_len, payload })
     }
 
@@ -203,5 +208,13 @@ mod tests {
         let mut bad_codec = frame;
         bad_codec[0] = 9;
         assert!(EncodedChunk::from_frame(&bad_codec).is_err());
+    }
+
+    #[test]
+    fn a_zstd_payload_never_exceeds_its_chunk() {
+        // Readers budget frames by their uncompressed length; an encoder keeps zstd only
+        // when it shrinks the chunk, so a frame saying otherwise is malformed.
+        assert!(matches!(EncodedChunk::from_parts(1, 10, vec![0; 10]), Err(FrameError::Malformed(_))));
+        assert!(EncodedChunk::from_parts(1, 11, vec![0; 10]).is_ok());
     }
 }

@@ -41,7 +41,7 @@ pub(super) async fn get(
                 why: format!("linked as {size} bytes, its recipe says {}", recipe.size),
             }));
         }
-        let mut stream = ingest::read_range(state.store.clone(), Arc::new(recipe), start, end);
+        let mut stream = ingest::read_range(state.store.clone(), recipe, start, end);
         // Every piece is verified before it is sent. The first one decides the status: when
         // the first window of chunks is unreadable (corrupt or unreachable) the client gets
         // an error body, not a 200 cut short; a later failure can only cut the body short
@@ -150,7 +150,7 @@ pub(super) async fn start_upload(state: &Arc<AppState>, name: &str, req: Request
         }
         // Not mountable: the spec says to fall back to an ordinary upload session.
     }
-    let id = state.uploads.create(name);
+    let id = state.uploads.create(name, req.client)?;
     if let Some(digest) = req.query.get("digest") {
         let digest = match parse_digest(digest) {
             Ok(d) => d,

@@ -6,10 +6,11 @@ mod manifests;
 mod nodes;
 mod thaw;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -48,12 +49,17 @@ pub(crate) struct Request {
     /// The query, parsed once (`routes::Query`): the value the auth layer authorized.
     pub(crate) query: Query,
     pub(crate) body: Body,
+    /// The TCP peer's address (`None` for a router called without one, as tests do).
+    pub(crate) client: Option<IpAddr>,
 }
 
 async fn dispatch(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
     // Rate and in-flight limits are enforced by the outermost layer (`limits::enforce`),
     // before authentication.
     let (parts, body) = request.into_parts();
+    // Present when served through `serve`/`spawn`; a router called directly (`oneshot`)
+    // has no peer.
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     // The auth layer leaves the query it authorized in the extensions; without auth it is
     // parsed here, by the same function.
     let query = match parts.extensions.get::<Query>() {
@@ -61,7 +67,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: axum::extract::Re
         None => Query::parse(parts.uri.query().unwrap_or(""), &[]),
     };
     let mut response = match query {
-        Ok(query) => route(&state, parts.method, &parts.uri, query, parts.headers, body).await,
+        Ok(query) => route(&state, parts.method, &parts.uri, query, parts.headers, body, peer).await,
         Err(e) => e.into_response(),
     };
     response
@@ -77,8 +83,9 @@ async fn route(
     query: Query,
     headers: HeaderMap,
     body: Body,
+    client: Option<IpAddr>,
 ) -> Response {
-    let request = Request { method, headers, query, body };
+    let request = Request { method, headers, query, body, client };
     match routes::parse(uri.path()) {
         Ok(route) => handle(state, route, request).await.unwrap_or_else(IntoResponse::into_response),
         Err(e) => e.into_response(),

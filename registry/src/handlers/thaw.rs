@@ -1,6 +1,6 @@
 //! The `_thaw` extension: chunk-level dedup on the wire (docs/API.md).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -10,13 +10,14 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use thaw_schema::batch::{encode_entry, parse_batch, BATCH_MAGIC, ENTRY_HEADER_LEN};
+use thaw_schema::batch::{encode_entry, parse_batch, BATCH_MAGIC, ENTRY_HEADER_LEN, MAX_BATCH_RAW_LEN};
 use thaw_schema::dto::{
     decode_chunk_id_query, encode_missing_answer, BinaryQueryError, ChunkUploadResponse, DiscoverResponse,
     ExtensionInfo, FetchChunksRequest, MissingChunksRequest, MissingChunksResponse, MAX_IDS_PER_QUERY,
     THAW_EXTENSION,
 };
-use thaw_schema::frame::FrameError;
+use thaw_schema::frame::{EncodedChunk, FrameError};
+use thaw_schema::recipe::RecipeEntry;
 use thaw_schema::{media, ChunkId, ErrorCode, Recipe, Sha256Digest};
 
 use super::{check_declared_length, header, read_body, AppState, Request};
@@ -27,6 +28,9 @@ use crate::storage::{Store, StoreError};
 
 /// Largest chunk batch body accepted.
 pub(crate) const MAX_BATCH_LEN: usize = 64 * 1024 * 1024;
+/// Largest sum of the uncompressed lengths a fetch may ask for (clients ask for 16 MiB, plus
+/// one chunk past it at most): bounds the bytes a small query can make the registry send.
+const MAX_FETCH_RAW_LEN: u64 = 64 * 1024 * 1024;
 /// Largest JSON query body (100,000 ids fit with room to spare).
 const MAX_QUERY_LEN: usize = 8 * 1024 * 1024;
 /// Largest recipe body (a recipe of ~100 GiB at 64 KiB chunks).
@@ -125,13 +129,41 @@ pub(super) async fn missing(state: &Arc<AppState>, _name: &str, req: Request) ->
 pub(super) async fn upload_chunks(state: &Arc<AppState>, name: &str, req: Request) -> ApiResult<Response> {
     check_declared_length(&req.headers, MAX_BATCH_LEN, "chunk batch")?;
     let body = read_body(req.body, MAX_BATCH_LEN, "chunk batch").await?;
-    // Parse and verify every chunk before storing any, so a bad batch stores nothing.
-    let chunks = tokio::task::spawn_blocking(move || {
-        let chunks = parse_batch(&body)?;
-        for (id, chunk) in &chunks {
+    let chunks = parse_batch(&body)
+        .map_err(|e| ApiError::new(ErrorCode::BlobUploadInvalid, format!("chunk batch rejected: {e}")))?;
+    drop(body);
+    // Refuse from the headers, before decompressing anything, what would cost more than
+    // the batch is worth: a chunk named twice, or more uncompressed bytes than one batch
+    // may carry (a 200-byte frame may declare 4 MiB).
+    let mut seen = HashSet::with_capacity(chunks.len());
+    if let Some((id, _)) = chunks.iter().find(|(id, _)| !seen.insert(*id)) {
+        return Err(ApiError::new(
+            ErrorCode::BlobUploadInvalid,
+            format!("chunk batch rejected: chunk {id} appears more than once"),
+        ));
+    }
+    drop(seen);
+    let raw: u64 = chunks.iter().map(|(_, c)| u64::from(c.raw_len)).sum();
+    if raw > MAX_BATCH_RAW_LEN {
+        return Err(ApiError::new(
+            ErrorCode::SizeInvalid,
+            format!(
+                "chunk batch rejected: its chunks add up to {raw} uncompressed bytes, more than the {MAX_BATCH_RAW_LEN} one batch may carry; send smaller batches"
+            ),
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE));
+    }
+    // Chunks already stored are neither verified nor stored again.
+    let total = chunks.len();
+    let new: Vec<(ChunkId, EncodedChunk)> =
+        chunks.into_iter().filter(|(id, _)| !state.store.is_known_chunk(id)).collect();
+    // Verify every new chunk before storing any, so a bad batch stores nothing; one
+    // decoded chunk at a time.
+    let new = tokio::task::spawn_blocking(move || {
+        for (id, chunk) in &new {
             chunk.decode(id)?;
         }
-        Ok::<_, FrameError>(chunks)
+        Ok::<_, FrameError>(new)
     })
     .await
     .map_err(|e| ApiError::new(ErrorCode::Unknown, e.to_string()))?
@@ -141,8 +173,7 @@ pub(super) async fn upload_chunks(state: &Arc<AppState>, name: &str, req: Reques
         }
         other => ApiError::new(ErrorCode::BlobUploadInvalid, format!("chunk batch rejected: {other}")),
     })?;
-    let total = chunks.len();
-    let stored = state.store.store_chunks(&chunks).await?;
+    let stored = state.store.store_chunks(&new).await?;
     tracing::debug!(repository = %name, stored, total, "chunk batch stored");
     Ok(axum::Json(ChunkUploadResponse { stored, present: total - stored }).into_response())
 }
@@ -160,14 +191,52 @@ pub(super) async fn fetch_chunks(state: &Arc<AppState>, name: &str, req: Request
     let recipe = state.store.get_recipe(&blob).await?.ok_or_else(|| {
         ApiError::new(ErrorCode::Unknown, format!("blob {blob} is linked in {name} but has no recipe"))
     })?;
-    let allowed: HashSet<ChunkId> = recipe.entries.iter().filter_map(|e| e.chunk_id().copied()).collect();
-    if let Some(stranger) = query.chunks.iter().find(|id| !allowed.contains(id)) {
-        return Err(ApiError::new(ErrorCode::Denied, format!("chunk {stranger} is not part of blob {blob}")));
+    // The length of each asked-for chunk, from one pass over the shared recipe: memory
+    // grows with the query (at most MAX_IDS_PER_QUERY ids), not with the blob.
+    let mut lens: HashMap<ChunkId, Option<u32>> = HashMap::with_capacity(query.chunks.len());
+    for id in &query.chunks {
+        if lens.insert(*id, None).is_some() {
+            return Err(ApiError::new(
+                ErrorCode::Unsupported,
+                format!("chunk {id} is asked for more than once"),
+            )
+            .with_status(StatusCode::BAD_REQUEST));
+        }
     }
+    for entry in &recipe.entries {
+        if let RecipeEntry::Data { id, len } = entry {
+            if let Some(slot) = lens.get_mut(id) {
+                *slot = Some(*len);
+            }
+        }
+    }
+    drop(recipe);
+    let mut raw = 0u64;
+    for id in &query.chunks {
+        match lens[id] {
+            None => {
+                return Err(ApiError::new(
+                    ErrorCode::Denied,
+                    format!("chunk {id} is not part of blob {blob}"),
+                ))
+            }
+            Some(len) => raw += u64::from(len),
+        }
+    }
+    if raw > MAX_FETCH_RAW_LEN {
+        return Err(ApiError::new(
+            ErrorCode::SizeInvalid,
+            format!(
+                "the chunks asked for add up to {raw} bytes; ask for at most {MAX_FETCH_RAW_LEN} at once"
+            ),
+        ));
+    }
+    let wanted: Vec<(ChunkId, Option<u32>)> = query.chunks.iter().map(|id| (*id, lens[id])).collect();
+    drop(lens);
     // Frames go out as stored; the receiver verifies each against its id.
     let entries = state
         .store
-        .chunk_frames(query.chunks)
+        .chunk_frames_sized(wanted.into_iter())
         .map_ok(|(id, chunk)| {
             let mut entry = Vec::with_capacity(ENTRY_HEADER_LEN + chunk.payload.len());
             encode_entry(&mut entry, &id, &chunk);
@@ -191,6 +260,7 @@ pub(super) async fn commit(
     let body = read_body(req.body, MAX_RECIPE_LEN, "recipe").await?;
     let recipe = Recipe::decode(&body)
         .map_err(|e| ApiError::new(ErrorCode::BlobUploadInvalid, format!("recipe rejected: {e}")))?;
+    drop(body);
     if recipe.digest != digest {
         return Err(ApiError::digest_invalid(format!("recipe is for {}, not {digest}", recipe.digest)));
     }
@@ -233,7 +303,14 @@ async fn verify_in_full(state: &Arc<AppState>, recipe: &Arc<Recipe>, digest: &Sh
         .with_status(StatusCode::BAD_REQUEST)
         .with_detail(json!({ "missing": missing.iter().take(100).collect::<Vec<_>>() })));
     }
-    let actual = ingest::digest_of_recipe(state.store.clone(), recipe.clone()).await?;
+    let actual = match ingest::digest_of_recipe(state.store.clone(), recipe.clone()).await {
+        Err(StoreError::ChunkLength { id, stored, declared }) => {
+            return Err(ApiError::digest_invalid(format!(
+                "the recipe says chunk {id} is {declared} bytes long; it is {stored}"
+            )))
+        }
+        other => other?,
+    };
     if actual != *digest {
         return Err(ApiError::digest_invalid(format!(
             "the recipe's chunks reassemble to {actual}, not {digest}"

@@ -4,10 +4,10 @@
 //! Request budget (docs/DECISIONS.md D6): storing new chunks costs two PUTs per pack (the
 //! pack, then its index), one pack per `DEFAULT_PACK_TARGET` bytes; asking which chunks
 //! exist costs nothing when the index knows them all, and otherwise one LIST plus one GET
-//! per pack index not read before; reading costs, per `WINDOW_BYTES` of frames, one GET
+//! per pack index not read before; reading costs, per `WINDOW_RAW_BYTES` of chunks, one GET
 //! per pack the window touches (more when its frames lie far apart in that pack).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::PutPayload;
 use thaw_schema::frame::EncodedChunk;
-use thaw_schema::ChunkId;
+use thaw_schema::{ChunkId, MAX_CHUNK_LEN};
 
 use super::index::Location;
 use super::pack::{self, PackBuilder, PackId};
@@ -33,13 +33,19 @@ const FLUSHES_IN_FLIGHT: usize = 2;
 /// Frames of one pack at most this far apart are read with one GET (the bytes between are
 /// read and dropped).
 const MAX_GAP: u64 = 256 << 10;
+/// At most this many bytes of a window's reads may be gap bytes; past it, the window is
+/// read frame by frame.
+const MAX_GAP_OVERHEAD: u64 = 16 << 20;
 /// Largest single ranged GET.
 const MAX_READ: u64 = 8 << 20;
-/// A reader plans its GETs over windows of this many frame bytes (or `WINDOW_CHUNKS`
-/// frames), and holds about `WINDOWS_AHEAD` windows in memory.
-const WINDOW_BYTES: u64 = 16 << 20;
+/// A reader plans its GETs over windows of this many distinct uncompressed chunk bytes (or
+/// `WINDOW_CHUNKS` entries), and holds about `WINDOWS_AHEAD` windows in memory: a reader's
+/// buffers stay under `WINDOWS_AHEAD × (WINDOW_RAW_BYTES + MAX_CHUNK_LEN)` of decoded
+/// bytes, plus as much again of frames, however compressible the chunks (docs/API.md,
+/// "Limits").
+pub(crate) const WINDOW_RAW_BYTES: u64 = 16 << 20;
 const WINDOW_CHUNKS: usize = 4096;
-const WINDOWS_AHEAD: usize = 2;
+pub(crate) const WINDOWS_AHEAD: usize = 2;
 /// Ranged GETs of one window in flight at once.
 const READ_AHEAD: usize = 4;
 /// Pack indexes read at once while refreshing the chunk index.
@@ -57,6 +63,41 @@ pub(crate) struct RefreshState {
     last_started: Option<Instant>,
     /// Creation time of the newest pack seen, in unix milliseconds.
     newest_millis: Option<u64>,
+}
+
+/// One entry of a fetched window: the stored frame, or the verified content.
+#[derive(Clone)]
+enum WindowRead {
+    Frame(EncodedChunk),
+    Data(Bytes),
+}
+
+/// Cuts a lazy sequence of wanted chunks into windows of at most `WINDOW_CHUNKS` entries
+/// and `WINDOW_RAW_BYTES` of distinct declared lengths (a chunk of unknown length counts as
+/// the largest there may be). A single chunk larger than the budget gets a window alone.
+struct Windows {
+    wanted: std::iter::Peekable<Box<dyn Iterator<Item = (ChunkId, Option<u32>)> + Send>>,
+}
+
+impl Iterator for Windows {
+    type Item = Vec<(ChunkId, Option<u32>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut window = Vec::new();
+        let mut seen = HashSet::new();
+        let mut raw = 0u64;
+        while let Some(&(id, len)) = self.wanted.peek() {
+            let cost = if seen.contains(&id) { 0 } else { u64::from(len.unwrap_or(MAX_CHUNK_LEN)) };
+            if !window.is_empty() && (window.len() >= WINDOW_CHUNKS || raw + cost > WINDOW_RAW_BYTES) {
+                break;
+            }
+            seen.insert(id);
+            raw += cost;
+            window.push((id, len));
+            self.wanted.next();
+        }
+        (!window.is_empty()).then_some(window)
+    }
 }
 
 impl Store {
@@ -215,90 +256,115 @@ impl Store {
         self: &Arc<Self>,
         ids: Vec<ChunkId>,
     ) -> BoxStream<'static, Result<(ChunkId, EncodedChunk)>> {
-        self.planned_reads(ids, false)
-            .map_ok(|frames| futures::stream::iter(frames.into_iter().map(|(id, frame, _)| Ok((id, frame)))))
+        self.chunk_frames_sized(ids.into_iter().map(|id| (id, None)))
+    }
+
+    /// Like [`Store::chunk_frames`], each id with the uncompressed length its recipe
+    /// declares: a stored frame of another length is refused before it is used.
+    pub(crate) fn chunk_frames_sized(
+        self: &Arc<Self>,
+        wanted: impl Iterator<Item = (ChunkId, Option<u32>)> + Send + 'static,
+    ) -> BoxStream<'static, Result<(ChunkId, EncodedChunk)>> {
+        self.planned_reads(Box::new(wanted), false)
+            .map_ok(|window| {
+                futures::stream::iter(window.into_iter().map(|(id, read)| match read {
+                    WindowRead::Frame(frame) => Ok((id, frame)),
+                    WindowRead::Data(_) => unreachable!("frames were asked for"),
+                }))
+            })
             .try_flatten()
             .boxed()
     }
 
     /// The content of `ids`, in order, each decoded and verified against its id.
     pub fn read_chunks(self: &Arc<Self>, ids: Vec<ChunkId>) -> BoxStream<'static, Result<Bytes>> {
-        self.planned_reads(ids, true)
-            .map_ok(|frames| {
-                futures::stream::iter(frames.into_iter().map(|(_, _, data)| Ok(data.expect("decoded"))))
+        self.read_chunks_sized(ids.into_iter().map(|id| (id, None)))
+    }
+
+    /// Like [`Store::read_chunks`], each id with the uncompressed length its recipe
+    /// declares (checked against the frame header before anything is decompressed). The
+    /// ids are taken lazily, a window at a time, so a reader of a huge recipe holds only
+    /// the windows in flight; a chunk named several times in one window is decoded once.
+    pub(crate) fn read_chunks_sized(
+        self: &Arc<Self>,
+        wanted: impl Iterator<Item = (ChunkId, Option<u32>)> + Send + 'static,
+    ) -> BoxStream<'static, Result<Bytes>> {
+        self.planned_reads(Box::new(wanted), true)
+            .map_ok(|window| {
+                futures::stream::iter(window.into_iter().map(|(_, read)| match read {
+                    WindowRead::Data(data) => Ok(data),
+                    WindowRead::Frame(_) => unreachable!("content was asked for"),
+                }))
             })
             .try_flatten()
             .boxed()
     }
 
-    /// Reads `ids` window by window (`WINDOW_BYTES` of frames each, two windows ahead):
-    /// each window is fetched with the few ranged GETs [`pack::plan_window`] plans, and
-    /// yields its frames in request order (and, with `decode`, their verified content,
-    /// decoded off the async threads).
-    #[allow(clippy::type_complexity)]
+    /// Reads `wanted` window by window (`WINDOW_RAW_BYTES` of distinct uncompressed chunk
+    /// bytes or `WINDOW_CHUNKS` entries each, `WINDOWS_AHEAD` windows ahead): each window
+    /// is located, fetched with the few ranged GETs [`pack::plan_window`] plans, and yields
+    /// its entries in request order (with `decode`, their verified content, decoded off the
+    /// async threads). Budgets count uncompressed bytes: a frame's payload is never larger
+    /// than its chunk, so they bound the compressed bytes too.
     fn planned_reads(
         self: &Arc<Self>,
-        ids: Vec<ChunkId>,
+        wanted: Box<dyn Iterator<Item = (ChunkId, Option<u32>)> + Send>,
         decode: bool,
-    ) -> BoxStream<'static, Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>>> {
+    ) -> BoxStream<'static, Result<Vec<(ChunkId, WindowRead)>>> {
         let store = self.clone();
-        let setup = async move {
-            let located = store.locate_all(&ids).await?;
-            let mut windows: Vec<Vec<(ChunkId, PackId, Range<u64>)>> = Vec::new();
-            let mut bytes = 0u64;
-            for (id, (pack, loc)) in ids.into_iter().zip(located) {
-                let fits = windows
-                    .last()
-                    .is_some_and(|w| w.len() < WINDOW_CHUNKS && bytes + u64::from(loc.len) <= WINDOW_BYTES);
-                if !fits {
-                    windows.push(Vec::new());
-                    bytes = 0;
-                }
-                bytes += u64::from(loc.len);
-                windows.last_mut().expect("a window").push((id, pack, loc.range()));
-            }
-            let store = store.clone();
-            Ok::<_, StoreError>(
-                futures::stream::iter(windows)
-                    .map(move |window| {
-                        let store = store.clone();
-                        async move { store.fetch_window(window, decode).await }
-                    })
-                    .buffered(WINDOWS_AHEAD),
-            )
-        };
-        futures::stream::once(setup).try_flatten().boxed()
+        futures::stream::iter(Windows { wanted: wanted.peekable() })
+            .map(move |window| {
+                let store = store.clone();
+                async move { store.fetch_window(window, decode).await }
+            })
+            .buffered(WINDOWS_AHEAD)
+            .boxed()
     }
 
     /// Fetches a window; when a pack was deleted under it (GC rewrote it since the reader
     /// located its chunks), locates the chunks again and fetches once more.
-    #[allow(clippy::type_complexity)]
     async fn fetch_window(
         &self,
-        wanted: Vec<(ChunkId, PackId, Range<u64>)>,
+        wanted: Vec<(ChunkId, Option<u32>)>,
         decode: bool,
-    ) -> Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>> {
-        let ids: Vec<ChunkId> = wanted.iter().map(|(id, _, _)| *id).collect();
-        match self.fetch_window_once(wanted, decode).await {
+    ) -> Result<Vec<(ChunkId, WindowRead)>> {
+        match self.fetch_window_once(&wanted, decode).await {
             Err(StoreError::Backend(object_store::Error::NotFound { .. })) => {
-                let located = self.locate_all(&ids).await?;
-                let wanted =
-                    ids.into_iter().zip(located).map(|(id, (pack, loc))| (id, pack, loc.range())).collect();
-                self.fetch_window_once(wanted, decode).await
+                self.fetch_window_once(&wanted, decode).await
             }
             other => other,
         }
     }
 
-    #[allow(clippy::type_complexity)]
     async fn fetch_window_once(
         &self,
-        wanted: Vec<(ChunkId, PackId, Range<u64>)>,
+        wanted: &[(ChunkId, Option<u32>)],
         decode: bool,
-    ) -> Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>> {
+    ) -> Result<Vec<(ChunkId, WindowRead)>> {
+        // Each distinct chunk of the window is read and decoded once.
+        let mut slot_of: HashMap<ChunkId, usize> = HashMap::new();
+        let mut distinct: Vec<(ChunkId, Option<u32>)> = Vec::new();
+        let slots: Vec<usize> = wanted
+            .iter()
+            .map(|&(id, len)| {
+                *slot_of.entry(id).or_insert_with(|| {
+                    distinct.push((id, len));
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        let ids: Vec<ChunkId> = distinct.iter().map(|(id, _)| *id).collect();
+        let located = self.locate_all(&ids).await?;
         let frames: Vec<(PackId, Range<u64>)> =
-            wanted.iter().map(|(_, p, r)| (p.clone(), r.clone())).collect();
-        let plan = pack::plan_window(&frames, MAX_GAP, MAX_READ);
+            located.iter().map(|(p, loc)| (p.clone(), loc.range())).collect();
+        let mut plan = pack::plan_window(&frames, MAX_GAP, MAX_READ);
+        // Gaps read and dropped must not multiply a window's bytes: frames chosen far apart
+        // (a few bytes each, 256 KiB of other chunks between) are read exactly instead.
+        let frame_bytes: u64 = frames.iter().map(|(_, r)| r.end - r.start).sum();
+        let read_bytes: u64 = plan.reads.iter().map(|(_, r)| r.end - r.start).sum();
+        if read_bytes > frame_bytes + MAX_GAP_OVERHEAD {
+            plan = pack::plan_window(&frames, 0, MAX_READ);
+        }
         let bodies: Vec<Bytes> = futures::stream::iter(plan.reads)
             .map(|(pack, range)| async move {
                 let key = keys::pack(&pack);
@@ -311,30 +377,37 @@ impl Store {
             .buffered(READ_AHEAD)
             .try_collect()
             .await?;
-        let parse = move || -> Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>> {
-            wanted
+        let parse = move || -> Result<Vec<WindowRead>> {
+            distinct
                 .into_iter()
+                .zip(located)
                 .zip(plan.picks)
-                .map(|((id, pack, _), (n, r))| {
+                .map(|(((id, declared), (pack, _)), (n, r))| {
                     let key = || keys::pack(&pack);
                     let frame = EncodedChunk::from_frame(&bodies[n][r]).map_err(|e| corrupt(&key(), e))?;
-                    let data = if decode {
-                        Some(Bytes::from(frame.decode(&id).map_err(|e| corrupt(&key(), e))?))
+                    // Refuse a length the recipe does not declare before decompressing.
+                    if let Some(declared) = declared {
+                        if frame.raw_len != declared {
+                            return Err(StoreError::ChunkLength { id, stored: frame.raw_len, declared });
+                        }
+                    }
+                    if decode {
+                        Ok(WindowRead::Data(Bytes::from(frame.decode(&id).map_err(|e| corrupt(&key(), e))?)))
                     } else {
-                        None
-                    };
-                    Ok((id, frame, data))
+                        Ok(WindowRead::Frame(frame))
+                    }
                 })
                 .collect()
         };
-        if decode {
+        let reads = if decode {
             tokio::task::spawn_blocking(parse).await.map_err(|e| StoreError::Corrupt {
                 key: keys::PACKS.to_owned(),
                 why: format!("decoding task failed: {e}"),
-            })?
+            })??
         } else {
-            parse()
-        }
+            parse()?
+        };
+        Ok(wanted.iter().zip(slots).map(|((id, _), slot)| (*id, reads[slot].clone())).collect())
     }
 
     /// A chunk's stored frame, unverified: `None` when it is not stored.
@@ -494,6 +567,23 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn windows_are_bounded_in_distinct_uncompressed_bytes() {
+        let id = |i: u8| ChunkId::of(&[i]);
+        let windows = |wanted: Vec<(ChunkId, Option<u32>)>| -> Vec<usize> {
+            let wanted: Box<dyn Iterator<Item = (ChunkId, Option<u32>)> + Send> =
+                Box::new(wanted.into_iter());
+            Windows { wanted: wanted.peekable() }.map(|w| w.len()).collect()
+        };
+        // One 4 MiB chunk named 10,000 times costs 4 MiB per window: windows end at the
+        // entry cap, not earlier, and no window holds it twice.
+        assert_eq!(windows(vec![(id(0), Some(MAX_CHUNK_LEN)); 10_000]), vec![4096, 4096, 1808]);
+        // Eight distinct 4 MiB chunks: four per 16 MiB window.
+        assert_eq!(windows((0..8).map(|i| (id(i), Some(MAX_CHUNK_LEN))).collect()), vec![4, 4]);
+        // Unknown lengths count as the largest chunk.
+        assert_eq!(windows((0..5).map(|i| (id(i), None)).collect()), vec![4, 1]);
+    }
+
     #[tokio::test]
     async fn a_failed_pack_or_index_write_never_makes_chunks_known() {
         // 0: the pack PUT fails; 1: the pack lands, its index PUT fails.
@@ -531,7 +621,10 @@ mod tests {
         let mut backwards = ids.clone();
         backwards.reverse();
         backwards.extend_from_slice(&ids[..10]);
-        let read: Vec<Bytes> = store.read_chunks(backwards).try_collect().await.unwrap();
+        // With their declared lengths (as every recipe reader passes them) the 110 chunks
+        // fit one window; without, each would be budgeted as the largest chunk.
+        let sized = backwards.into_iter().map(|id| (id, Some(30_000)));
+        let read: Vec<Bytes> = store.read_chunks_sized(sized).try_collect().await.unwrap();
         assert_eq!(read.len(), 110);
         let reading = metrics.snapshot().since(&before);
         assert_eq!((reading.gets, reading.requests()), (1, 1), "110 chunks of one pack: one ranged GET");

@@ -37,6 +37,17 @@ pub enum StoreError {
         /// What is wrong with it.
         why: String,
     },
+    /// A stored chunk has another length than the recipe naming it declares: a lying
+    /// recipe when it is being committed, corruption when it was committed before.
+    #[error("chunk {id} is {stored} bytes long, the recipe says {declared}")]
+    ChunkLength {
+        /// The chunk.
+        id: thaw_schema::ChunkId,
+        /// Its stored (true) length.
+        stored: u32,
+        /// The length the recipe declares.
+        declared: u32,
+    },
 }
 
 impl From<object_store::Error> for StoreError {
@@ -176,10 +187,11 @@ impl Store {
         self.get_opt(&keys::recipe(digest)).await
     }
 
-    /// A blob's decoded recipe (from memory when it was used recently).
-    pub async fn get_recipe(&self, digest: &Sha256Digest) -> Result<Option<Recipe>> {
+    /// A blob's decoded recipe (from memory when it was used recently), shared: a request
+    /// never copies a recipe, whose size grows with the blob's.
+    pub async fn get_recipe(&self, digest: &Sha256Digest) -> Result<Option<Arc<Recipe>>> {
         if let Some(recipe) = self.recipes.get(digest) {
-            return Ok(Some(Recipe::clone(&recipe)));
+            return Ok(Some(recipe));
         }
         let key = keys::recipe(digest);
         let Some(bytes) = self.get_opt(&key).await? else { return Ok(None) };
@@ -187,7 +199,8 @@ impl Store {
         if recipe.digest != *digest {
             return Err(corrupt(&key, "recipe describes another blob"));
         }
-        self.recipes.insert(*digest, Arc::new(recipe.clone()), bytes.len());
+        let recipe = Arc::new(recipe);
+        self.recipes.insert(*digest, recipe.clone(), bytes.len());
         Ok(Some(recipe))
     }
 
