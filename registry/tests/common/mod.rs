@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod garage;
+pub(crate) mod minio;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
