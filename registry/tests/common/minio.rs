@@ -240,6 +240,7 @@ impl Minio {
     pub(crate) fn start_again(&mut self) {
         self.process.spawn();
         self.process.wait_for("/minio/health/ready", Duration::from_secs(60));
+        wait_for_bucket(self.process.addr, Duration::from_secs(60));
     }
 
     /// `http://127.0.0.1:PORT` of the S3 API.
@@ -337,6 +338,9 @@ impl MinioCluster {
         }
         let me = Self { nodes: processes, drives: drive_dirs };
         create_bucket(me.nodes[0].addr);
+        for p in &me.nodes {
+            wait_for_bucket(p.addr, Duration::from_secs(60));
+        }
         me
     }
 
@@ -383,6 +387,7 @@ impl MinioCluster {
     pub(crate) fn start_again(&mut self, n: usize) {
         self.nodes[n].spawn();
         self.nodes[n].wait_for("/minio/health/ready", Duration::from_secs(120));
+        wait_for_bucket(self.nodes[n].addr, Duration::from_secs(120));
     }
 
     /// The HTTP status of node `n`'s cluster health check (`/minio/health/cluster`: 200
@@ -449,31 +454,69 @@ fn client_for(endpoint: &str) -> Arc<dyn ObjectStore> {
 }
 
 /// Creates [`BUCKET`] with a signed `PUT /BUCKET` (`object_store` has no bucket call; MinIO
-/// has no option to create one at start).
+/// has no option to create one at start), retrying while MinIO is still initializing (it
+/// reports ready on `/minio/health/ready` before its S3 API is).
 fn create_bucket(addr: SocketAddr) {
-    let credential =
-        AwsCredential { key_id: ACCESS_KEY_ID.to_owned(), secret_key: SECRET_ACCESS_KEY.to_owned(), token: None };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = signed_request(addr, "PUT", &format!("/{BUCKET}"));
+        // 409 BucketAlreadyOwnedByYou: a restarted node of a cluster, or a second call.
+        if response.starts_with("HTTP/1.1 200") || response.contains("BucketAlreadyOwnedByYou") {
+            return;
+        }
+        assert!(
+            response.starts_with("HTTP/1.1 503") && Instant::now() < deadline,
+            "MinIO refused to create bucket {BUCKET}:\n{response}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until a signed `HEAD /BUCKET` answers 200: the S3 API serves the bucket.
+fn wait_for_bucket(addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let response = signed_request(addr, "HEAD", &format!("/{BUCKET}"));
+        if response.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "MinIO did not serve bucket {BUCKET} in {timeout:?}:\n{response}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends `METHOD path` with no body, signed with the root credentials, and returns the
+/// whole response (empty when MinIO does not answer).
+fn signed_request(addr: SocketAddr, method: &str, path: &str) -> String {
+    let credential = AwsCredential {
+        key_id: ACCESS_KEY_ID.to_owned(),
+        secret_key: SECRET_ACCESS_KEY.to_owned(),
+        token: None,
+    };
     let mut request = object_store::client::HttpRequest::new(Vec::<u8>::new().into());
-    *request.method_mut() = "PUT".parse().expect("method");
-    *request.uri_mut() = format!("http://{addr}/{BUCKET}").parse().expect("bucket URI");
+    *request.method_mut() = method.parse().expect("method");
+    *request.uri_mut() = format!("http://{addr}{path}").parse().expect("URI");
     AwsAuthorizer::new(&credential, "s3", REGION).authorize(&mut request, None);
-    let mut head = format!("PUT /{BUCKET} HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n");
     for (name, value) in request.headers() {
         head.push_str(&format!("{}: {}\r\n", name.as_str(), value.to_str().expect("ASCII header")));
     }
     head.push_str("\r\n");
-    let mut s = TcpStream::connect(addr).expect("connect to MinIO");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
-    s.write_all(head.as_bytes()).expect("send CreateBucket");
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { return String::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    if s.write_all(head.as_bytes()).is_err() {
+        return String::new();
+    }
     let mut response = Vec::new();
-    let _ = s.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response);
-    // 409 BucketAlreadyOwnedByYou: a restarted node of a cluster, or a second call.
-    let status = response.get(9..12).unwrap_or("");
-    assert!(
-        status == "200" || response.contains("BucketAlreadyOwnedByYou"),
-        "MinIO refused to create bucket {BUCKET}:\n{response}"
-    );
+    // A HEAD response has no body: stop at the end of the head rather than wait for close.
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte).is_ok_and(|n| n == 1) {
+        response.push(byte[0]);
+        if method == "HEAD" && response.ends_with(b"\r\n\r\n") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
 }
 
 /// A key prefix no other test (of this or any concurrent test process) uses.
@@ -502,7 +545,8 @@ pub(crate) async fn list_keys(store: &dyn ObjectStore, prefix: &str) -> Vec<Stri
 fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
