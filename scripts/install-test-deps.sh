@@ -4,14 +4,15 @@
 #
 #   Debian:    skopeo, docker-registry (distribution 2.8)
 #   PyPI:      oras==0.2.43 (oras-py), into the `python3` found on PATH
-#   crates.io: garage 2.5.0 (S3-compatible object store), built by `cargo install`
+#   Go:        MinIO (the S3 server the tests run against), built by `go install` into
+#              ~/.cache/thaw-tools/minio-<version>/ (Garage only with THAW_S3_SERVER=garage)
 #
 # Idempotent: each component is checked first and only what is missing is installed, so on
 # a provisioned machine it runs in well under a second, changes nothing, and needs no root.
 # Installing needs root (it runs as root, without stdin, in CI) and the package registries;
-# Garage needs cargo and builds from source (about 15 minutes on 2 cores) into
-# $CARGO_HOME/bin. Nothing else is cached outside the repository: apt deletes the .deb files
-# it fetched, pip runs with --no-cache-dir, cargo install builds in a temporary directory.
+# MinIO needs Go and builds from source (about 10 minutes on 2 cores) into
+# ~/.cache/thaw-tools, with Go's module and build caches beside it. Nothing else is cached
+# outside the repository: apt deletes the .deb files it fetched, pip runs with --no-cache-dir.
 set -euo pipefail
 
 readonly APT_PACKAGES=(skopeo docker-registry)
@@ -73,32 +74,48 @@ else
   log "PyPI package present: oras==$ORAS_VERSION"
 fi
 
-# --- Garage (S3-compatible object store) -------------------------------------------------
+# --- MinIO (the S3 server of record) -----------------------------------------------------
 # The S3 tests (registry/tests/s3_*.rs, storage_conformance.rs, the THAW_TEST_STORAGE=s3
-# stage) start their own single-node Garage on loopback; they find it on PATH or in
-# $CARGO_HOME/bin.
-readonly GARAGE_VERSION=2.5.0
-CARGO_BIN_DIR=${CARGO_HOME:-$HOME/.cargo}/bin
-garage_version() {
-  local bin
-  bin=$(command -v garage || true)
-  [[ -n $bin ]] || bin=$CARGO_BIN_DIR/garage
-  [[ -x $bin ]] || return 0
-  "$bin" --version 2>/dev/null </dev/null || true
-}
-garage_installed() {
-  # `garage --version` prints e.g. "garage cargo:2.5.0 [features: …]".
-  [[ $(garage_version) =~ (^|[^0-9.])${GARAGE_VERSION//./\\.}([^0-9.]|$) ]]
-}
-if ! garage_installed; then
-  command -v cargo >/dev/null || die "Garage $GARAGE_VERSION is missing and installing it needs cargo on PATH"
-  found=$(garage_version)
-  log "installing Garage $GARAGE_VERSION with 'cargo install garage --version $GARAGE_VERSION --locked'" \
-    "(found: ${found:-none}); it builds from source and takes ~15+ minutes on 2 cores"
-  cargo install garage --version "$GARAGE_VERSION" --locked </dev/null
-  garage_installed || die "Garage $GARAGE_VERSION still not found after cargo install (looked on PATH and in $CARGO_BIN_DIR)"
+# stage, the benchmark's S3 baseline) start their own MinIO on loopback
+# (registry/tests/common/minio.rs). It is built from source with Go, once per machine, into
+# ~/.cache/thaw-tools/minio-<version>/minio, which is where the tests look first ($THAW_MINIO
+# overrides). The Go module and build caches live under ~/.cache/thaw-tools/go/ too, so a
+# rebuild (or another tool built with Go) downloads and compiles nothing twice. The proxy
+# serves no release tags for github.com/minio/minio, so the version is a pinned
+# pseudo-version (the same string as MINIO_VERSION in registry/tests/common/minio.rs).
+readonly MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+minio_tools_dir=${THAW_TOOLS_DIR:-$HOME/.cache/thaw-tools}
+minio_bin_dir=$minio_tools_dir/minio-$MINIO_VERSION
+if [[ -x $minio_bin_dir/minio ]]; then
+  log "MinIO present: $minio_bin_dir/minio"
 else
-  log "Garage present: $(garage_version | cut -d' ' -f1-2)"
+  command -v go >/dev/null ||
+    die "MinIO $MINIO_VERSION is missing and building it needs Go (1.24 or newer) on PATH: install Go from https://go.dev/dl/ and run this again"
+  log "building MinIO $MINIO_VERSION with 'go install' into $minio_bin_dir" \
+    "(about 10 minutes on 2 cores the first time; the Go caches under $minio_tools_dir/go are kept)"
+  mkdir -p "$minio_bin_dir" "$minio_tools_dir/go/mod" "$minio_tools_dir/go/build" "$minio_tools_dir/go/path"
+  CGO_ENABLED=0 GOBIN=$minio_bin_dir GOFLAGS=-modcacherw \
+    GOMODCACHE=$minio_tools_dir/go/mod GOCACHE=$minio_tools_dir/go/build GOPATH=$minio_tools_dir/go/path \
+    go install "github.com/minio/minio@$MINIO_VERSION" </dev/null
+  [[ -x $minio_bin_dir/minio ]] || die "go install finished but $minio_bin_dir/minio is missing"
+fi
+
+# --- Garage (optional, THAW_S3_SERVER=garage) ----------------------------------------------
+# Not installed by default: `cargo install garage` builds for ~15 minutes on 2 cores, and no
+# test needs it. THAW_S3_SERVER=garage installs Garage 2.5.0 into $CARGO_HOME/bin for
+# running an S3 server by hand against a registry (`garage server --single-node`).
+if [[ ${THAW_S3_SERVER:-minio} == garage ]]; then
+  readonly GARAGE_VERSION=2.5.0
+  garage_bin=${CARGO_HOME:-$HOME/.cargo}/bin/garage
+  if [[ -x $garage_bin ]] && [[ $("$garage_bin" --version 2>/dev/null </dev/null) == *":$GARAGE_VERSION "* ]]; then
+    log "Garage present: $garage_bin"
+  else
+    command -v cargo >/dev/null || die "THAW_S3_SERVER=garage needs cargo on PATH"
+    log "installing Garage $GARAGE_VERSION with 'cargo install garage --version $GARAGE_VERSION --locked' (~15 minutes)"
+    cargo install garage --version "$GARAGE_VERSION" --locked </dev/null
+  fi
+elif [[ ${THAW_S3_SERVER:-minio} != minio ]]; then
+  die "THAW_S3_SERVER=$THAW_S3_SERVER: use minio (the default) or garage"
 fi
 
 log "all interop and S3 test dependencies present"

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # THE test command for thaw: what CI runs (.ci/run) and what a developer runs before pushing.
 #
-#   1. install-test-deps  real OCI clients and peers the interop tests drive, and Garage (idempotent)
+#   1. install-test-deps  real OCI clients and peers the interop tests drive, and MinIO (idempotent)
 #   2. fmt                cargo fmt --all --check
 #   3. clippy             every target, warnings are errors
 #   4. schema-purity      thaw-schema's normal dependencies include no runtime/HTTP/storage/kube crate
 #   5. test               cargo test --workspace --locked: unit, integration and interop tests, and the
-#                         S3 tests (storage conformance on memory/filesystem/Garage, round trips,
-#                         replicas, faults), each test binary with its own Garage on loopback
-#   6. test-s3            the registry's black-box suites again with every registry on Garage
+#                         S3 tests (storage conformance on memory/filesystem/MinIO, round trips,
+#                         replicas, faults), each test binary with its own MinIO on loopback, and
+#                         a distributed 4-process MinIO losing a node under two registry replicas
+#   6. test-s3            the registry's black-box suites again with every registry on MinIO
 #                         (THAW_TEST_STORAGE=s3): conformance, bad input, dedup
 #   7. bench-smoke        the benchmark runner at --quick scale on the quick corpus (real QEMU
 #                         guests, made once into target/corpus-quick): thaw, oras-py +
@@ -116,7 +117,7 @@ test_log=$(mktemp)
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$test_log"
 end
 
-begin test-s3 "THAW_TEST_STORAGE=s3 cargo test -p thaw-registry: conformance, bad input, dedup on Garage"
+begin test-s3 "THAW_TEST_STORAGE=s3 cargo test -p thaw-registry: conformance, bad input, dedup on MinIO"
 THAW_TEST_STORAGE=s3 cargo test -p thaw-registry --locked --no-fail-fast \
   --test conformance --test bad_input --test dedup_storage 2>&1 | tee -a "$test_log"
 end

@@ -1,25 +1,25 @@
-//! The real `thaw` binary against a thaw-registry storing on S3 (a real Garage, the
+//! The real `thaw` binary against a thaw-registry storing on S3 (a real MinIO, the
 //! registry's harness): push two revisions, pull them back byte-identical, pull the second
 //! with the first as a seed, and pull from a second registry process on the same bucket
 //! prefix, which can only answer from what the first one put into S3.
 
 mod common;
-#[path = "../../registry/tests/common/garage.rs"]
+#[path = "../../registry/tests/common/minio.rs"]
 #[allow(dead_code, unreachable_pub)]
-mod garage;
+mod minio;
 
 use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use garage::{list_keys, unique_prefix, Garage};
+use minio::{list_keys, unique_prefix, Minio};
 use serde_json::Value;
 use thaw_registry::{RegistryConfig, RunningRegistry};
 
 /// An in-process thaw-registry on `storage` (`s3://…`; the `AWS_*` variables are exported).
 async fn registry_on(storage: &str) -> RunningRegistry {
     let config = RegistryConfig::new("127.0.0.1:0".parse().unwrap(), storage);
-    thaw_registry::spawn(config).await.expect("starting thaw-registry on Garage")
+    thaw_registry::spawn(config).await.expect("starting thaw-registry on MinIO")
 }
 
 /// Runs `thaw --plain-http --json <args>` (no credentials file, no cache) and returns
@@ -72,10 +72,10 @@ fn received(report: &Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thaw_cli_round_trips_through_a_registry_on_s3() {
-    let garage = Garage::shared();
-    garage.export_env();
+    let minio = Minio::shared();
+    minio.export_env();
     let prefix = unique_prefix("cli");
-    let storage = garage.storage_url(&prefix);
+    let storage = minio.storage_url(&prefix);
     let registry = registry_on(&storage).await;
     let host = registry.addr().to_string();
 
@@ -91,7 +91,7 @@ async fn thaw_cli_round_trips_through_a_registry_on_s3() {
     let push2 = thaw_json(&["push", "--base", &r1, &r2, dir2.to_str().unwrap()]);
     assert_ne!(push1["digest"], push2["digest"]);
     // Everything went to the bucket: packs, their indexes, recipes, manifests, links.
-    let bucket = garage.client();
+    let bucket = minio.client();
     for dir in ["chunks/packs", "chunks/index", "recipes/sha256", "manifests/sha256", "repositories"] {
         let keys = list_keys(bucket.as_ref(), &format!("{prefix}/{dir}")).await;
         assert!(!keys.is_empty(), "nothing under {prefix}/{dir} in the bucket");

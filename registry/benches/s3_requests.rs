@@ -1,6 +1,6 @@
 //! S3 request efficiency of thaw-registry's storage, against the reference system's way.
 //!
-//! One run, one Garage on loopback, the same realistic snapshot (four files) moved three
+//! One run, one MinIO on loopback, the same realistic snapshot (four files) moved three
 //! ways:
 //!
 //! - **reference**: the four files PUT whole to S3 (multipart with 16 MiB parts above
@@ -20,7 +20,7 @@
 //! (and around the reference client's store): one count per HTTP request, listings one per
 //! started page of 1000 keys.
 //!
-//! Run: `cargo bench -p thaw-registry --bench s3_requests` (needs Garage, as the S3 tests
+//! Run: `cargo bench -p thaw-registry --bench s3_requests` (needs MinIO, as the S3 tests
 //! do). Environment (paths absolute: cargo runs benches in the package directory):
 //! `THAW_BENCH_SNAPSHOT=DIR` uses a real snapshot (`memory`, `vmstate`, `disk.ext4` or
 //! `disk`, `info.json`, as `integration/corpus/make-corpus.sh` writes them) as v1, and
@@ -29,9 +29,9 @@
 //! `THAW_BENCH_MEMORY_MIB` sizes the synthetic memory file (default 512);
 //! `THAW_BENCH_REPORT=FILE` also writes the Markdown report to FILE.
 
-#[path = "../tests/common/garage.rs"]
+#[path = "../tests/common/minio.rs"]
 #[allow(dead_code)]
-mod garage;
+mod minio;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -293,8 +293,8 @@ where
 
 fn report(rows: &[Row], what: &str, total: u64) -> String {
     let mut out = format!(
-        "S3 requests per snapshot move, Garage {} on loopback; {what}, {:.1} MiB per snapshot.\n\n",
-        garage::GARAGE_VERSION,
+        "S3 requests per snapshot move, MinIO {} on loopback; {what}, {:.1} MiB per snapshot.\n\n",
+        minio::MINIO_VERSION,
         total as f64 / MIB as f64
     );
     out.push_str(
@@ -616,15 +616,15 @@ async fn main() -> Result<()> {
     eprintln!("s3_requests: preparing snapshots");
     let (v1, v2, what) = load_or_make_snapshots()?;
     let total = v1.bytes();
-    eprintln!("s3_requests: starting Garage");
-    let garage: &'static garage::Garage = Box::leak(Box::new(garage::Garage::start()));
-    garage.export_env();
+    eprintln!("s3_requests: starting MinIO");
+    let minio: &'static minio::Minio = Box::leak(Box::new(minio::Minio::start()));
+    minio.export_env();
     let mut rows = Vec::new();
 
     // The reference system: whole files.
     let ref_metrics = StorageMetrics::new();
-    let reference: Arc<dyn ObjectStore> = Arc::new(Counted::new(garage.client(), ref_metrics.clone()));
-    let prefix = garage::unique_prefix("reference");
+    let reference: Arc<dyn ObjectStore> = Arc::new(Counted::new(minio.client(), ref_metrics.clone()));
+    let prefix = minio::unique_prefix("reference");
     for (step, snap, tag) in
         [("push v1", &v1, "v1"), ("pull v1", &v1, "v1"), ("push v2", &v2, "v2"), ("pull v2", &v2, "v2")]
     {
@@ -643,7 +643,7 @@ async fn main() -> Result<()> {
     let client = Client::builder().no_proxy().build()?;
     let metrics = process_storage_metrics();
     for way in ["thaw OCI", "thaw _thaw", "thaw _thaw 4K"] {
-        let storage = garage.storage_url(&garage::unique_prefix("bench"));
+        let storage = minio.storage_url(&minio::unique_prefix("bench"));
         let registry = thaw_registry::spawn(RegistryConfig::new("127.0.0.1:0".parse()?, storage)).await?;
         let base = registry.url();
         let (c, b) = (&client, base.as_str());

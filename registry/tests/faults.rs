@@ -1,5 +1,5 @@
 //! Faults injected into the registry's object store through `thaw_registry::Faults`
-//! (a wrapper store under a running in-process registry; the filesystem, or Garage with
+//! (a wrapper store under a running in-process registry; the filesystem, or MinIO with
 //! `THAW_TEST_STORAGE=s3`):
 //!
 //! - a failed PUT of a pack, its index or the recipe, during a plain OCI upload and during

@@ -1,9 +1,9 @@
-//! Faults of the S3 server under a running `thaw-registry` process (a real Garage on
+//! Faults of the S3 server under a running `thaw-registry` process (a real MinIO on
 //! loopback; a small TCP proxy in this test delays or withholds bytes between them):
 //!
-//! - Garage stopped in the middle of a push: the client gets a spec error body with 503
+//! - MinIO stopped in the middle of a push: the client gets a spec error body with 503
 //!   `UNAVAILABLE` within seconds, nothing half-written becomes visible, and the push
-//!   succeeds once Garage is back. Both before the commit and while it writes packs.
+//!   succeeds once MinIO is back. Both before the commit and while it writes packs.
 //! - S3 that does not answer at all: requests that need it fail with 503 in bounded time
 //!   (the registry's timeouts and retry limits, `AWS_TIMEOUT` honoured), not minutes.
 //! - Slow S3: a push stalled on S3 does not hold up requests that do not need S3 (the
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::garage::{list_keys, unique_prefix, Garage};
+use common::minio::{list_keys, unique_prefix, Minio};
 use common::*;
 use object_store::prefix::PrefixStore;
 use object_store::ObjectStore;
@@ -165,20 +165,20 @@ async fn assert_absent(c: &Client, base: &str, repo: &str, digest: &str) {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND, "blob {digest} must not be visible");
 }
 
-/// A registry process on `prefix` of `garage`, reaching S3 through `endpoint`, with extra
+/// A registry process on `prefix` of `minio`, reaching S3 through `endpoint`, with extra
 /// environment.
 async fn registry(
-    garage: &Garage,
+    minio: &Minio,
     endpoint: &str,
     prefix: &str,
     logs: &tempfile::TempDir,
     extra: &[(&'static str, String)],
 ) -> BinRegistry {
-    let mut env = garage.env_for(endpoint);
+    let mut env = minio.env_for(endpoint);
     env.extend_from_slice(extra);
     // Upload spools in the test's directory, removed with it.
     env.push(("THAW_UPLOAD_DIR", logs.path().join(format!("{prefix}.uploads")).display().to_string()));
-    let storage = garage.storage_url(prefix);
+    let storage = minio.storage_url(prefix);
     BinRegistry::start_with(storage.as_ref(), &logs.path().join(format!("{prefix}.log")), &env).await
 }
 
@@ -188,12 +188,12 @@ async fn registry(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_stopped_before_the_commit_is_503_then_the_push_succeeds() {
-    let mut garage = Garage::start();
+    let mut minio = Minio::start();
     let logs = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("stopped");
-    let reg = registry(&garage, &garage.endpoint(), &prefix, &logs, &[]).await;
+    let reg = registry(&minio, &minio.endpoint(), &prefix, &logs, &[]).await;
     let c = client();
-    let bucket: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(garage.client(), prefix.as_str()));
+    let bucket: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(minio.client(), prefix.as_str()));
     push(&c, &reg.base, "fault/seed", b"seed layer").await;
     let before = visible(bucket.as_ref()).await;
     assert!(!before.is_empty());
@@ -201,7 +201,7 @@ async fn s3_stopped_before_the_commit_is_503_then_the_push_succeeds() {
     let data = Rng::new(1).bytes(24 * MIB);
     let digest = sha256_digest(&data);
     let url = upload_without_commit(&c, &reg.base, "fault/blob", &data).await;
-    garage.stop();
+    minio.stop();
 
     let started = Instant::now();
     let resp = commit(&c, &url, &digest).await;
@@ -223,7 +223,7 @@ async fn s3_stopped_before_the_commit_is_503_then_the_push_succeeds() {
     expect_error(resp, 503, &["UNAVAILABLE"], "chunk batch with S3 down").await;
     assert_eq!(c.get(format!("{}/v2/", reg.base)).send().await.unwrap().status(), StatusCode::OK);
 
-    garage.start_again();
+    minio.start_again();
     assert_eq!(visible(bucket.as_ref()).await, before, "nothing became visible");
     assert_absent(&c, &reg.base, "fault/blob", &digest).await;
     push(&c, &reg.base, "fault/blob", &data).await;
@@ -232,13 +232,13 @@ async fn s3_stopped_before_the_commit_is_503_then_the_push_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_stopped_while_the_commit_writes_packs_leaves_nothing_visible() {
-    let mut garage = Garage::start();
-    let proxy = Proxy::start(garage.s3_addr()).await;
+    let mut minio = Minio::start();
+    let proxy = Proxy::start(minio.s3_addr()).await;
     let logs = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("mid-commit");
-    let reg = registry(&garage, &proxy.endpoint(), &prefix, &logs, &[]).await;
+    let reg = registry(&minio, &proxy.endpoint(), &prefix, &logs, &[]).await;
     let c = client();
-    let bucket: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(garage.client(), prefix.as_str()));
+    let bucket: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(minio.client(), prefix.as_str()));
     push(&c, &reg.base, "fault/seed", b"seed layer").await;
     let before = visible(bucket.as_ref()).await;
 
@@ -258,14 +258,14 @@ async fn s3_stopped_while_the_commit_writes_packs_leaves_nothing_visible() {
         assert!(!pending.is_finished(), "the commit ended before a pack landed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    garage.stop();
+    minio.stop();
     let resp = tokio::time::timeout(Duration::from_secs(60), pending)
         .await
         .expect("commit answers in time")
         .unwrap();
     expect_error(resp, 503, &["UNAVAILABLE"], "commit with S3 gone mid-way").await;
 
-    garage.start_again();
+    minio.start_again();
     proxy.delay_per_16k(Duration::ZERO);
     assert_eq!(visible(bucket.as_ref()).await, before, "nothing became visible");
     assert_absent(&c, &reg.base, "fault/blob", &digest).await;
@@ -277,12 +277,12 @@ async fn s3_stopped_while_the_commit_writes_packs_leaves_nothing_visible() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_that_never_answers_fails_with_503_in_bounded_time() {
-    let garage = Garage::shared();
-    let proxy = Proxy::start(garage.s3_addr()).await;
+    let minio = Minio::shared();
+    let proxy = Proxy::start(minio.s3_addr()).await;
     let logs = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("black-hole");
     // AWS_TIMEOUT is honoured (object_store's client option); 2 s keeps the test short.
-    let reg = registry(garage, &proxy.endpoint(), &prefix, &logs, &[("AWS_TIMEOUT", "2s".into())]).await;
+    let reg = registry(minio, &proxy.endpoint(), &prefix, &logs, &[("AWS_TIMEOUT", "2s".into())]).await;
     let c = client();
     push(&c, &reg.base, "hole/seed", b"seed").await;
     let data = Rng::new(3).bytes(4 * MIB);
@@ -306,11 +306,11 @@ async fn s3_that_never_answers_fails_with_503_in_bounded_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_stalled_on_s3_does_not_hold_up_unrelated_requests() {
-    let garage = Garage::shared();
-    let proxy = Proxy::start(garage.s3_addr()).await;
+    let minio = Minio::shared();
+    let proxy = Proxy::start(minio.s3_addr()).await;
     let logs = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("slow");
-    let reg = registry(garage, &proxy.endpoint(), &prefix, &logs, &[]).await;
+    let reg = registry(minio, &proxy.endpoint(), &prefix, &logs, &[]).await;
     let c = client();
     push(&c, &reg.base, "slow/seed", b"seed").await;
 

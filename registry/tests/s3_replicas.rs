@@ -1,4 +1,4 @@
-//! Two `thaw-registry` processes serving one bucket (a real Garage on loopback), as
+//! Two `thaw-registry` processes serving one bucket (a real MinIO on loopback), as
 //! replicas behind a load balancer would: a push through one is pulled byte-identical
 //! through the other, the `_thaw` fast path works with its calls spread over both, and
 //! concurrent pushes of overlapping snapshots through both lose nothing and corrupt
@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::garage::{list_keys, unique_prefix, Garage};
+use common::minio::{list_keys, unique_prefix, Minio};
 use common::*;
 use futures::TryStreamExt;
 use object_store::prefix::PrefixStore;
@@ -67,13 +67,13 @@ struct Replicas {
 
 impl Replicas {
     async fn start() -> Self {
-        let garage = Garage::shared();
+        let minio = Minio::shared();
         let prefix = unique_prefix("replicas");
-        let storage = garage.storage_url(&prefix);
+        let storage = minio.storage_url(&prefix);
         let logs = tempfile::tempdir().unwrap();
         let spool = |name: &str| ("THAW_UPLOAD_DIR", logs.path().join(name).display().to_string());
-        let env_a = [garage.env(), vec![spool("a.uploads")]].concat();
-        let env_b = [garage.env(), vec![spool("b.uploads")]].concat();
+        let env_a = [minio.env(), vec![spool("a.uploads")]].concat();
+        let env_b = [minio.env(), vec![spool("b.uploads")]].concat();
         let a = BinRegistry::start_with(storage.as_ref(), &logs.path().join("a.log"), &env_a).await;
         let b = BinRegistry::start_with(storage.as_ref(), &logs.path().join("b.log"), &env_b).await;
         Self { a, b, prefix, _logs: logs }
@@ -81,7 +81,7 @@ impl Replicas {
 
     /// The bucket under the replicas' prefix, as a cold store would see it.
     fn bucket(&self) -> Arc<dyn ObjectStore> {
-        Arc::new(PrefixStore::new(Garage::shared().client(), self.prefix.as_str()))
+        Arc::new(PrefixStore::new(Minio::shared().client(), self.prefix.as_str()))
     }
 }
 

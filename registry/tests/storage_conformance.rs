@@ -1,10 +1,10 @@
 //! One storage conformance suite, run against every backend the registry supports: the
-//! in-memory store, the local filesystem and S3 (a real Garage on loopback).
+//! in-memory store, the local filesystem and S3 (a real MinIO on loopback).
 //!
 //! It checks what the registry relies on, through `thaw_registry::Store` where the
 //! registry's semantics live, and through the raw `ObjectStore` where they come from the
-//! backend: put-if-absent (or its safe substitute: repeating a content-addressed write),
-//! get, ranged get, listing (including listing from an offset, which index refreshes use),
+//! backend: conditional writes (put-if-absent, `If-None-Match: *`; replace-if-unchanged,
+//! `If-Match`), including racing writers of one key, get, ranged get, listing (including listing from an offset, which index refreshes use),
 //! delete, and concurrent writers of the same content, including writers that share
 //! nothing but the bucket (separate `Store`s: separate registry replicas).
 
@@ -26,30 +26,38 @@ use thaw_schema::frame::EncodedChunk;
 use thaw_schema::recipe::RecipeBuilder;
 use thaw_schema::{ChunkId, Sha256Digest};
 
-use common::garage::{unique_prefix, Garage};
+use common::minio::{unique_prefix, Minio};
 use common::Rng;
 
 /// One backend under test; `objects` may be shared by several `Store`s, as one bucket is
 /// by several replicas.
 struct Backend {
     objects: Arc<dyn ObjectStore>,
+    /// Whether the backend offers `PutMode::Update` (replace-if-unchanged).
+    conditional_update: Support,
     _dir: Option<tempfile::TempDir>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Support {
+    Present,
+    Absent,
 }
 
 impl Backend {
     fn memory() -> Self {
-        Self { objects: Arc::new(InMemory::new()), _dir: None }
+        Self { objects: Arc::new(InMemory::new()), conditional_update: Support::Present, _dir: None }
     }
 
     fn filesystem() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let objects = LocalFileSystem::new_with_prefix(dir.path()).expect("filesystem store");
-        Self { objects: Arc::new(objects), _dir: Some(dir) }
+        Self { objects: Arc::new(objects), conditional_update: Support::Absent, _dir: Some(dir) }
     }
 
     fn s3() -> Self {
-        let objects = PrefixStore::new(Garage::shared().client(), unique_prefix("conformance"));
-        Self { objects: Arc::new(objects), _dir: None }
+        let objects = PrefixStore::new(Minio::shared().client(), unique_prefix("conformance"));
+        Self { objects: Arc::new(objects), conditional_update: Support::Present, _dir: None }
     }
 
     /// A store (one "replica") over this backend.
@@ -106,9 +114,9 @@ async fn chunks_are_put_if_absent(b: Backend) {
     }
 }
 
-/// Content-addressed objects (recipes, manifests) written twice, and the backend's own
-/// put-if-absent: either refused as existing, or (Garage ignores `If-None-Match`)
-/// overwritten with the same bytes. Either way the content is intact.
+/// Content-addressed objects (recipes, manifests) written twice are intact, and a second
+/// create of identical content is refused as existing. (The registry also stays correct
+/// on S3 servers that ignore `If-None-Match`: it repeats such writes with the same bytes.)
 async fn content_writes_can_repeat(b: Backend) {
     let store = b.store();
     let body = Bytes::from_static(br#"{"schemaVersion":2}"#);
@@ -129,10 +137,105 @@ async fn content_writes_can_repeat(b: Backend) {
     let create = || PutOptions { mode: PutMode::Create, ..Default::default() };
     b.objects.put_opts(&key, PutPayload::from_static(b"same"), create()).await.unwrap();
     match b.objects.put_opts(&key, PutPayload::from_static(b"same"), create()).await {
-        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-        Err(e) => panic!("second create of identical content: {e}"),
+        Err(object_store::Error::AlreadyExists { .. }) => {}
+        other => panic!("second create of identical content: {other:?}"),
     }
     assert_eq!(b.objects.get(&key).await.unwrap().bytes().await.unwrap().as_ref(), b"same");
+}
+
+/// Put-if-absent (`PutMode::Create`, `If-None-Match: *` on S3): a create of a present key
+/// is refused and changes nothing, even with other bytes; of many writers racing to create
+/// one key exactly one wins and its bytes are what is stored.
+async fn create_is_put_if_absent(b: Backend) {
+    let create = || PutOptions { mode: PutMode::Create, ..Default::default() };
+    let key = Key::from("cond/create");
+    b.objects.put_opts(&key, PutPayload::from_static(b"first"), create()).await.unwrap();
+    match b.objects.put_opts(&key, PutPayload::from_static(b"second"), create()).await {
+        Err(object_store::Error::AlreadyExists { .. }) => {}
+        other => panic!("create of a present key with other bytes: {other:?}"),
+    }
+    assert_eq!(b.objects.get(&key).await.unwrap().bytes().await.unwrap().as_ref(), b"first");
+
+    for round in 0..3 {
+        let key = Key::from(format!("cond/race-{round}"));
+        let writers: Vec<_> = (0..8u8)
+            .map(|w| {
+                let (objects, key) = (b.objects.clone(), key.clone());
+                tokio::spawn(async move {
+                    let body = Bytes::from(vec![w; 1000 + usize::from(w)]);
+                    (w, objects.put_opts(&key, PutPayload::from(body), create()).await)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for t in writers {
+            match t.await.expect("writer task") {
+                (w, Ok(_)) => winners.push(w),
+                (_, Err(object_store::Error::AlreadyExists { .. })) => {}
+                (w, Err(e)) => panic!("racing create by writer {w}: {e}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: exactly one create wins, got {winners:?}");
+        let w = winners[0];
+        let stored = b.objects.get(&key).await.unwrap().bytes().await.unwrap();
+        assert_eq!(
+            stored.as_ref(),
+            vec![w; 1000 + usize::from(w)].as_slice(),
+            "round {round}: the winner's bytes"
+        );
+    }
+}
+
+/// Replace-if-unchanged (`PutMode::Update`, `If-Match: <etag>` on S3), where the backend
+/// offers it (the filesystem does not, and says so): an update naming the current version
+/// succeeds, one naming a replaced version or an absent key is refused and changes nothing,
+/// and of writers racing from one version exactly one wins.
+async fn update_is_compare_and_swap(b: Backend) {
+    use object_store::UpdateVersion;
+    let update = |v: &object_store::PutResult| PutOptions {
+        mode: PutMode::Update(UpdateVersion { e_tag: v.e_tag.clone(), version: v.version.clone() }),
+        ..Default::default()
+    };
+    let key = Key::from("cond/update");
+    let v1 = b.objects.put(&key, PutPayload::from_static(b"v1")).await.unwrap();
+    let v2 = match b.objects.put_opts(&key, PutPayload::from_static(b"v2"), update(&v1)).await {
+        Err(object_store::Error::NotImplemented) if b.conditional_update == Support::Absent => return,
+        other => other.expect("update naming the current version"),
+    };
+    assert_eq!(b.objects.get(&key).await.unwrap().bytes().await.unwrap().as_ref(), b"v2");
+    match b.objects.put_opts(&key, PutPayload::from_static(b"stale"), update(&v1)).await {
+        Err(object_store::Error::Precondition { .. }) => {}
+        other => panic!("update naming a replaced version: {other:?}"),
+    }
+    assert_eq!(b.objects.get(&key).await.unwrap().bytes().await.unwrap().as_ref(), b"v2");
+    match b.objects.put_opts(&Key::from("cond/absent"), PutPayload::from_static(b"x"), update(&v2)).await {
+        Err(object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. }) => {}
+        other => panic!("update of an absent key: {other:?}"),
+    }
+    assert!(matches!(
+        b.objects.head(&Key::from("cond/absent")).await,
+        Err(object_store::Error::NotFound { .. })
+    ));
+
+    let writers: Vec<_> = (0..6u8)
+        .map(|w| {
+            let (objects, key, opts) = (b.objects.clone(), key.clone(), update(&v2));
+            tokio::spawn(
+                async move { (w, objects.put_opts(&key, PutPayload::from(vec![w; 64]), opts).await) },
+            )
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for t in writers {
+        match t.await.expect("writer task") {
+            (w, Ok(_)) => winners.push(w),
+            (_, Err(object_store::Error::Precondition { .. })) => {}
+            (w, Err(e)) => panic!("racing update by writer {w}: {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one update from one version wins, got {winners:?}");
+    let stored = b.objects.get(&key).await.unwrap().bytes().await.unwrap();
+    assert_eq!(stored.as_ref(), [winners[0]; 64].as_slice());
 }
 
 /// Whole and ranged gets, absent keys, and verification of what comes back.
@@ -329,6 +432,14 @@ macro_rules! suite {
             #[tokio::test]
             async fn content_writes_can_repeat() {
                 super::content_writes_can_repeat(Backend::$backend()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn create_is_put_if_absent() {
+                super::create_is_put_if_absent(Backend::$backend()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn update_is_compare_and_swap() {
+                super::update_is_compare_and_swap(Backend::$backend()).await
             }
             #[tokio::test]
             async fn gets_and_ranges() {

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod garage;
+pub(crate) mod minio;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -62,7 +63,7 @@ pub(crate) fn client() -> Client {
 // ---------------------------------------------------------------------------
 
 /// True when `THAW_TEST_STORAGE=s3`: every [`TestRegistry`] then stores into its own prefix
-/// of the test binary's shared Garage bucket instead of a temporary directory, and the
+/// of the test binary's shared MinIO bucket instead of a temporary directory, and the
 /// storage-inspection helpers below ([`list_files`], [`reachable_state`], …) read the
 /// bucket. Anything else (or unset) means the filesystem.
 pub(crate) fn s3_mode() -> bool {
@@ -96,7 +97,7 @@ fn with_s3<T: Send>(
         scope
             .spawn(|| {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                rt.block_on(f(garage::Garage::shared().client()))
+                rt.block_on(f(minio::Minio::shared().client()))
             })
             .join()
             .expect("S3 inspection thread")
@@ -104,7 +105,7 @@ fn with_s3<T: Send>(
 }
 
 /// An in-process registry on an ephemeral port, storing into its own temporary directory
-/// (or, with `THAW_TEST_STORAGE=s3`, its own prefix of the shared Garage bucket).
+/// (or, with `THAW_TEST_STORAGE=s3`, its own prefix of the shared MinIO bucket).
 pub(crate) struct TestRegistry {
     pub(crate) base: String,
     pub(crate) client: Client,
@@ -118,7 +119,7 @@ impl TestRegistry {
         Self::start_on(s3_mode()).await
     }
 
-    /// A registry on the test binary's shared Garage, whatever `THAW_TEST_STORAGE` says.
+    /// A registry on the test binary's shared MinIO, whatever `THAW_TEST_STORAGE` says.
     pub(crate) async fn start_s3() -> Self {
         Self::start_on(true).await
     }
@@ -137,11 +138,11 @@ impl TestRegistry {
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("create storage dir");
         let storage_spec = if s3 {
-            let garage = garage::Garage::shared();
-            garage.export_env();
-            let prefix = garage::unique_prefix("registry");
+            let minio = minio::Minio::shared();
+            minio.export_env();
+            let prefix = minio::unique_prefix("registry");
             S3_ROOTS.lock().expect("lock").push((storage.clone(), prefix.clone()));
-            garage.storage_url(&prefix)
+            minio.storage_url(&prefix)
         } else {
             storage.to_str().expect("utf-8 temp path").to_owned()
         };

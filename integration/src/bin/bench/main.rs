@@ -1,6 +1,6 @@
 //! The benchmark runner (issue #8, first cut; and issue #3's push/pull benchmark): thaw
 //! against oras-py with Debian's `docker-registry`, and against the reference system's way
-//! (the four snapshot files PUT/GET whole on S3, here Garage), on the same corpus, in one
+//! (the four snapshot files PUT/GET whole on S3, here MinIO, the reference system's store), on the same corpus, in one
 //! run, and writes `docs/BENCHMARKS.md` with plots.
 //!
 //! ```text
@@ -11,15 +11,15 @@
 //!
 //! The runner starts the real `thaw-registry` and drives the real `thaw` CLI (both found
 //! next to this binary), starts `docker-registry` and runs oras-py, and starts a
-//! single-node Garage (as the registry's S3 tests do). Each server sits behind a
+//! single-drive MinIO (as the registry's S3 tests do). Each server sits behind a
 //! byte-counting proxy, so bytes on the wire are counted the same way for all three.
 //! Nothing is asserted: this is a benchmark, not a test.
 
 mod cluster;
-#[path = "../../../../registry/tests/common/garage.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod garage;
 mod link;
+#[path = "../../../../registry/tests/common/minio.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod minio;
 mod nodes_report;
 mod plot;
 mod proxy;
@@ -126,8 +126,8 @@ pub(crate) struct Tools {
     pub(crate) registry: PathBuf,
     pub(crate) python: String,
     pub(crate) oras_script: PathBuf,
-    /// `None` with the reason when Garage cannot be found.
-    pub(crate) garage: Result<PathBuf, String>,
+    /// MinIO, or the reason it cannot be found.
+    pub(crate) minio: Result<PathBuf, String>,
     pub(crate) daemons: cluster::Daemons,
 }
 
@@ -155,27 +155,19 @@ fn find_tools() -> Result<Tools> {
         "/usr/bin/docker-registry is missing: run scripts/install-test-deps.sh (as root)"
     );
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let garage = find_garage();
-    Ok(Tools { thaw, registry, python, oras_script, garage, daemons })
+    let minio = find_minio();
+    Ok(Tools { thaw, registry, python, oras_script, minio, daemons })
 }
 
-/// Garage as the S3 tests find it (`THAW_GARAGE`, `PATH`, `~/.cargo/bin`), without
-/// panicking when it is absent.
-fn find_garage() -> Result<PathBuf, String> {
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os("THAW_GARAGE") {
-        candidates.push(PathBuf::from(p));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("garage")));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/garage"));
-    }
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-        "garage not found (THAW_GARAGE, PATH, ~/.cargo/bin): install it with \
-         scripts/install-test-deps.sh"
-            .to_owned()
+/// MinIO as the S3 tests find it (`THAW_MINIO`, the install script's cache, `PATH`),
+/// without panicking when it is absent.
+fn find_minio() -> Result<PathBuf, String> {
+    minio::find_minio_binary().ok_or_else(|| {
+        format!(
+            "minio not found (THAW_MINIO, ~/.cache/thaw-tools/minio-{}/minio, PATH): build it with \
+             scripts/install-test-deps.sh",
+            minio::MINIO_VERSION
+        )
     })
 }
 
@@ -332,11 +324,11 @@ fn run(args: &Args) -> Result<()> {
     let work = work.canonicalize()?;
 
     let mut measured = Measured::default();
-    // Garage: one for the whole run, each repetition and network in its own key prefix.
-    let garage = match &tools.garage {
+    // MinIO: one for the whole run, each repetition and network in its own key prefix.
+    let minio = match &tools.minio {
         Ok(bin) => {
-            std::env::set_var("THAW_GARAGE", bin);
-            Some(garage::Garage::start())
+            std::env::set_var("THAW_MINIO", bin);
+            Some(minio::Minio::start())
         }
         Err(why) => {
             eprintln!("bench: WARNING: S3 baseline skipped: {why}");
@@ -350,7 +342,7 @@ fn run(args: &Args) -> Result<()> {
     measured.nets = nets.iter().map(|n| n.label.clone()).collect();
 
     for (ni, net) in nets.iter().enumerate() {
-        let garage_proxy = match &garage {
+        let minio_proxy = match &minio {
             Some(g) => Some(Arc::new(proxy::Proxy::start(net.server_ip, g.s3_addr())?)),
             None => None,
         };
@@ -402,11 +394,11 @@ fn run(args: &Args) -> Result<()> {
                 let mut system: Box<dyn System> = match kind {
                     Kind::Thaw => unreachable!("run above"),
                     Kind::Oras => Box::new(Oras::start(&tools.python, &tools.oras_script, &dir, net)?),
-                    Kind::S3 => match (&garage, &garage_proxy) {
+                    Kind::S3 => match (&minio, &minio_proxy) {
                         (Some(g), Some(proxy)) => Box::new(S3::new(
                             proxy.clone(),
                             g.env(),
-                            garage::BUCKET,
+                            minio::BUCKET,
                             format!("bench-{}-net{ni}-rep{rep}", std::process::id()),
                             net,
                         )?),
@@ -420,7 +412,7 @@ fn run(args: &Args) -> Result<()> {
         }
     }
     drop(link);
-    drop(garage);
+    drop(minio);
     let _ = std::fs::remove_dir_all(&work);
 
     eprintln!("bench: ingest throughput of {}", plan.new.label());

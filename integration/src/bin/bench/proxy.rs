@@ -1,5 +1,5 @@
 //! A byte-counting TCP proxy on loopback, put in front of every server the benchmark
-//! measures (thaw-registry, docker-registry, Garage), so that bytes on the wire are counted
+//! measures (thaw-registry, docker-registry, MinIO), so that bytes on the wire are counted
 //! the same way for all three systems: every byte of every request and response, headers,
 //! framing and retries included, as the server's socket sees them.
 

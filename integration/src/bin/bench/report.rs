@@ -199,7 +199,7 @@ impl Environment {
         }
         let py = &tools.python;
         let oras = version_of(py, &["-c", "import importlib.metadata as m; print(m.version('oras'))"]);
-        let garage = match &tools.garage {
+        let minio = match &tools.minio {
             Ok(bin) => version_of(&bin.to_string_lossy(), &["--version"]),
             Err(why) => format!("not run: {why}"),
         };
@@ -208,7 +208,7 @@ impl Environment {
             format!("- thaw: `{rev}`, `{}`", version_of(&tools.thaw.to_string_lossy(), &["--version"])),
             format!("- docker-registry: `{}`", version_of("/usr/bin/docker-registry", &["--version"])),
             format!("- oras-py: {oras} on `{}`", version_of(py, &["--version"])),
-            format!("- Garage: `{garage}`"),
+            format!("- MinIO: `{minio}`"),
             format!("- Corpus: `{}`; repetitions: {}", args.corpus.display(), args.reps),
         ];
         // What every oras-py call pays before its first request: Python start-up and import.
@@ -375,7 +375,7 @@ pub(crate) fn write(
          through `integration/scripts/oras_roundtrip.py` (`push`: every file one layer, \
          `pull`). Each call is a fresh Python process: start-up and `import oras.client` take {} \
          of every oras time below.\n\
-         - **S3**: the reference system's way: the four files PUT whole to Garage (multipart, \
+         - **S3**: the reference system's way: the four files PUT whole to MinIO (multipart, \
          16 MiB parts, 4 in flight, above 16 MiB) and GET whole into files, with the \
          `object_store` crate. It has no notion of a previous revision, so both restores fetch \
          everything; so does oras.\n\
@@ -383,9 +383,8 @@ pub(crate) fn write(
          of each server: everything the client sent (*up*) or received (*down*), HTTP \
          headers included. {link}\n\
          - **Stored bytes**: the lengths of every file under the registry's storage directory \
-         (thaw, docker-registry), the sizes of every object in the bucket prefix (S3; Garage's \
-         own on-disk compression and block dedup are not counted, since the reference system \
-         stored on MinIO).\n\
+         (thaw, docker-registry), the sizes of every object in the bucket prefix (S3, as MinIO \
+         reports them; its erasure-coding overhead on disk is not counted).\n\
          - Every system starts empty in every repetition; every restore is checked byte for \
          byte against the source files (untimed). Restores write into a fresh directory on \
          the same disk; the page cache is not dropped (the machine is shared).\n",

@@ -4,7 +4,7 @@
 //!   `thaw` CLI (`push`, `pull [--seed]`);
 //! - **oras**: Debian's `docker-registry` (distribution 2.8) on filesystem storage, driven by
 //!   oras-py through `integration/scripts/oras_roundtrip.py`;
-//! - **s3**: the four snapshot files PUT and GET whole on Garage, the reference system's
+//! - **s3**: the four snapshot files PUT and GET whole on MinIO, the reference system's
 //!   way (multipart with 16 MiB parts above 16 MiB, as minio-go does), with `object_store`.
 //!
 //! Every system starts empty for each repetition and serves only loopback.
@@ -57,7 +57,7 @@ impl Kind {
         match self {
             Kind::Thaw => "thaw",
             Kind::Oras => "oras-py + docker-registry",
-            Kind::S3 => "S3 whole files (Garage)",
+            Kind::S3 => "S3 whole files (MinIO)",
         }
     }
 
@@ -374,7 +374,7 @@ impl System for Oras {
 }
 
 // ---------------------------------------------------------------------------------------
-// S3 whole files on Garage
+// S3 whole files on MinIO
 // ---------------------------------------------------------------------------------------
 
 pub(crate) struct S3 {
@@ -389,7 +389,7 @@ pub(crate) struct S3 {
 }
 
 impl S3 {
-    /// The reference client for `bucket` through `proxy`, with Garage's `AWS_*` settings in
+    /// The reference client for `bucket` through `proxy`, with MinIO's `AWS_*` settings in
     /// `env`, keeping every key under `prefix`.
     pub(crate) fn new(
         proxy: Arc<Proxy>,
@@ -488,7 +488,7 @@ pub(crate) fn s3_client_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Bytes stored under `prefix` in `bucket` (sizes of the objects), asked directly of Garage.
+/// Bytes stored under `prefix` in `bucket` (sizes of the objects), asked directly of MinIO.
 pub(crate) fn s3_stored_bytes(env: &[(&'static str, String)], bucket: &str, prefix: &str) -> Result<u64> {
     let get = |k: &str| env.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone()).unwrap_or_default();
     let store = AmazonS3Builder::new()
@@ -499,7 +499,7 @@ pub(crate) fn s3_stored_bytes(env: &[(&'static str, String)], bucket: &str, pref
         .with_access_key_id(get("AWS_ACCESS_KEY_ID"))
         .with_secret_access_key(get("AWS_SECRET_ACCESS_KEY"))
         .build()
-        .context("S3 client for Garage")?;
+        .context("S3 client for MinIO")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let prefix = Key::from(prefix);
     rt.block_on(async move {
