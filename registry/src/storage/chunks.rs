@@ -279,7 +279,8 @@ impl Store {
         decode: bool,
     ) -> Result<Vec<(ChunkId, EncodedChunk, Option<Bytes>)>> {
         let ids: Vec<ChunkId> = wanted.iter().map(|(id, _, _)| *id).collect();
-        match self.fetch_window_once(wanted, decode).await {
+        let packs: HashSet<PackId> = wanted.iter().map(|(_, p, _)| p.clone()).collect();
+        let result = match self.fetch_window_once(wanted, decode).await {
             Err(StoreError::Backend(object_store::Error::NotFound { .. })) => {
                 let located = self.locate_all(&ids).await?;
                 let wanted =
@@ -287,7 +288,13 @@ impl Store {
                 self.fetch_window_once(wanted, decode).await
             }
             other => other,
+        };
+        // Stored frames that are short or fail verification: drop them from the index so
+        // the next push stores them again (storage::heal).
+        if let Err(StoreError::Corrupt { .. } | StoreError::Backend(object_store::Error::Generic { .. })) = &result {
+            self.heal_packs(packs).await;
         }
+        result
     }
 
     #[allow(clippy::type_complexity)]

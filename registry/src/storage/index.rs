@@ -106,6 +106,36 @@ impl ChunkIndex {
         self.chunks.remove(id);
     }
 
+    /// Forgets those of `ids` located in `pack` (their frames there are unreadable, see
+    /// `storage::heal`); a chunk located in another pack keeps that location. The pack
+    /// stays seen, so a refresh never brings them back.
+    pub(crate) fn forget_in_pack(&mut self, pack: &PackId, ids: &HashSet<ChunkId>) {
+        let Some(number) = self.packs.iter().position(|p| p == pack) else { return };
+        for id in ids {
+            if self.chunks.get(id).is_some_and(|loc| loc.pack as usize == number) {
+                self.chunks.remove(id);
+            }
+        }
+    }
+
+    /// Forgets every chunk located in `packs` (a GC sweep deletes them) and marks them seen,
+    /// so a refresh never reads them again; chunks they hold that are still live are found
+    /// in GC's copies, which are new packs.
+    pub(crate) fn forget_packs(&mut self, packs: &[PackId]) {
+        let wanted: HashSet<&PackId> = packs.iter().collect();
+        let numbers: HashSet<u32> = self
+            .packs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| wanted.contains(p))
+            .map(|(n, _)| n as u32)
+            .collect();
+        if !numbers.is_empty() {
+            self.chunks.retain(|_, loc| !numbers.contains(&loc.pack));
+        }
+        self.seen.extend(packs.iter().cloned());
+    }
+
     /// Points the chunks of `entries` at `pack` (GC's rewritten copy of an older pack),
     /// wherever they were located before.
     pub(crate) fn relocate(&mut self, pack: PackId, entries: &[IndexEntry]) {
