@@ -34,8 +34,8 @@ pub use limits::{Limits, RateLimit, DEFAULT_INFLIGHT_WAIT, DEFAULT_MAX_INFLIGHT}
 pub use storage::faults::{Fault, Faults, Faulty, Op, Rule, RuleId};
 pub use storage::metrics::{process_storage_metrics, Counted, StorageCounts, StorageMetrics};
 pub use storage::{
-    ChunkWriter, ConditionalWrites, GcOptions, GcReport, ScrubReport, Store, StoreError, DEFAULT_GRACE, DEFAULT_PACK_TARGET,
-    DEFAULT_REWRITE_BELOW,
+    ChunkWriter, ConditionalWrites, GcOptions, GcReport, ScrubReport, Store, StoreError, DEFAULT_GRACE,
+    DEFAULT_PACK_TARGET, DEFAULT_REWRITE_BELOW,
 };
 
 /// Default zstd level for chunks the registry compresses itself (see docs/DECISIONS.md).

@@ -118,7 +118,11 @@ async fn run_gc(storage: &str, options: thaw_registry::GcOptions) -> std::proces
 
 async fn run_scrub(storage: &str, dry_run: bool) -> std::process::ExitCode {
     let progress = |done: u64, total: u64, so_far: &thaw_registry::ScrubReport| {
-        eprintln!("scrub: pack {done}/{total}, {} chunks checked, {} bad", so_far.chunks, so_far.bad_chunks.len());
+        eprintln!(
+            "scrub: pack {done}/{total}, {} chunks checked, {} bad",
+            so_far.chunks,
+            so_far.bad_chunks.len()
+        );
     };
     match thaw_registry::scrub(storage, dry_run, &progress).await {
         Ok(report) => {

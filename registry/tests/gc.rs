@@ -81,10 +81,15 @@ async fn prepare(check_refusal: bool) -> Prepared {
         let before = list_files(&storage);
         let (ok, _, err) = run_gc(&storage, &["--grace", "1h"]);
         assert!(ok, "gc beside a serving registry on a store with conditional writes: {err}");
-        let content = |files: &std::collections::BTreeMap<std::path::PathBuf, u64>| -> Vec<std::path::PathBuf> {
-            files.keys().filter(|p| !p.starts_with("gc")).cloned().collect()
-        };
-        assert_eq!(content(&list_files(&storage)), content(&before), "nothing is older than the grace period");
+        let content =
+            |files: &std::collections::BTreeMap<std::path::PathBuf, u64>| -> Vec<std::path::PathBuf> {
+                files.keys().filter(|p| !p.starts_with("gc")).cloned().collect()
+            };
+        assert_eq!(
+            content(&list_files(&storage)),
+            content(&before),
+            "nothing is older than the grace period"
+        );
     }
     // Work on a copy of the (now idle) storage: the registry's directory goes with it.
     let dir = tempfile::tempdir().expect("temp dir");

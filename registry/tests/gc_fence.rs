@@ -18,8 +18,8 @@ use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
 use object_store::{
-    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMode, PutMultipartOptions,
-    PutOptions, PutPayload, PutResult,
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMode,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 use thaw_registry::{Fault, Faults, Faulty, GcOptions, Op, Rule, Store};
 use thaw_schema::frame::EncodedChunk;
@@ -102,7 +102,12 @@ async fn a_commit_on_another_replica_during_a_sweep_never_leaves_an_unreadable_b
         let a = replica_a.clone();
         async move { a.collect_garbage(&no_grace(), None, None).await }
     });
-    wait_stalled(&faults).await;
+    while faults.stalled() == 0 {
+        if gc.is_finished() {
+            panic!("GC finished before its first delete: {:?}", gc.await.expect("gc task"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Replica B, whose index still knows the chunks, commits the same blob again (dedup).
     let first = commit(&replica_b, &recipe).await;
@@ -194,7 +199,12 @@ impl std::fmt::Display for IgnoresConditions {
 
 #[async_trait]
 impl ObjectStore for IgnoresConditions {
-    async fn put_opts(&self, l: &ObjPath, p: PutPayload, mut o: PutOptions) -> object_store::Result<PutResult> {
+    async fn put_opts(
+        &self,
+        l: &ObjPath,
+        p: PutPayload,
+        mut o: PutOptions,
+    ) -> object_store::Result<PutResult> {
         o.mode = PutMode::Overwrite;
         self.0.put_opts(l, p, o).await
     }

@@ -50,7 +50,10 @@ fn biggest_pack(storage: &Path) -> PathBuf {
 
 /// The number on the report line starting with `label`.
 fn count(report: &str, label: &str) -> u64 {
-    let line = report.lines().find(|l| l.trim_start().starts_with(label)).unwrap_or_else(|| panic!("no {label:?} in:\n{report}"));
+    let line = report
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{report}"));
     line[line.find(label).unwrap() + label.len()..].trim().parse().unwrap_or_else(|_| panic!("{line:?}"))
 }
 

@@ -291,7 +291,9 @@ impl Store {
         };
         // Stored frames that are short or fail verification: drop them from the index so
         // the next push stores them again (storage::heal).
-        if let Err(StoreError::Corrupt { .. } | StoreError::Backend(object_store::Error::Generic { .. })) = &result {
+        if let Err(StoreError::Corrupt { .. } | StoreError::Backend(object_store::Error::Generic { .. })) =
+            &result
+        {
             self.heal_packs(packs).await;
         }
         result

@@ -33,7 +33,10 @@ impl std::fmt::Display for SyncedFs {
 }
 
 fn sync_error(path: &std::path::Path, e: std::io::Error) -> object_store::Error {
-    object_store::Error::Generic { store: "SyncedFs", source: format!("fsync {}: {e}", path.display()).into() }
+    object_store::Error::Generic {
+        store: "SyncedFs",
+        source: format!("fsync {}: {e}", path.display()).into(),
+    }
 }
 
 impl SyncedFs {
@@ -111,7 +114,11 @@ impl ObjectStore for SyncedFs {
         self.inner.list(prefix)
     }
 
-    fn list_with_offset(&self, prefix: Option<&Path>, offset: &Path) -> BoxStream<'static, Result<ObjectMeta>> {
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
         self.inner.list_with_offset(prefix, offset)
     }
 

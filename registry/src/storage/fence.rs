@@ -130,9 +130,14 @@ impl Store {
             .get_or_try_init(|| async {
                 let key = keys::gc_probe(&hex::encode(rand::random::<[u8; 8]>()));
                 let create_opts = || PutOptions { mode: PutMode::Create, ..Default::default() };
-                let first = self.objects.put_opts(&key, PutPayload::from_static(b"probe 1"), create_opts()).await;
+                let first =
+                    self.objects.put_opts(&key, PutPayload::from_static(b"probe 1"), create_opts()).await;
                 let create = match first {
-                    Ok(_) => match self.objects.put_opts(&key, PutPayload::from_static(b"probe 2"), create_opts()).await {
+                    Ok(_) => match self
+                        .objects
+                        .put_opts(&key, PutPayload::from_static(b"probe 2"), create_opts())
+                        .await
+                    {
                         Err(object_store::Error::AlreadyExists { .. }) => true,
                         Ok(_) => false,
                         Err(e) => return Err(e.into()),
@@ -145,11 +150,12 @@ impl Store {
                 };
                 let stale = UpdateVersion { e_tag: Some("\"0000000000000000\"".into()), version: None };
                 let opts = PutOptions { mode: PutMode::Update(stale), ..Default::default() };
-                let update = match self.objects.put_opts(&key, PutPayload::from_static(b"probe 3"), opts).await {
-                    Err(object_store::Error::Precondition { .. }) => true,
-                    Ok(_) | Err(object_store::Error::NotImplemented) => false,
-                    Err(e) => return Err(e.into()),
-                };
+                let update =
+                    match self.objects.put_opts(&key, PutPayload::from_static(b"probe 3"), opts).await {
+                        Err(object_store::Error::Precondition { .. }) => true,
+                        Ok(_) | Err(object_store::Error::NotImplemented) => false,
+                        Err(e) => return Err(e.into()),
+                    };
                 let _ = self.objects.delete(&key).await;
                 let found = ConditionalWrites { create, update };
                 tracing::info!(create, update, "conditional writes probed");
@@ -194,7 +200,10 @@ impl Store {
                 }
                 fence.swept = true;
                 if !closed {
-                    fence.open.insert(epoch, (record.recipes.into_iter().collect(), record.manifests.into_iter().collect()));
+                    fence.open.insert(
+                        epoch,
+                        (record.recipes.into_iter().collect(), record.manifests.into_iter().collect()),
+                    );
                 }
                 fence.applied = epoch;
             } else if closed {
@@ -266,7 +275,9 @@ impl Store {
             // The body changes on every renewal, so observers see it change whatever the
             // store's timestamps say.
             n += 1;
-            if let Err(e) = self.objects.put(&key, PutPayload::from(format!("serving {n}").into_bytes())).await {
+            if let Err(e) =
+                self.objects.put(&key, PutPayload::from(format!("serving {n}").into_bytes())).await
+            {
                 tracing::warn!(error = %e, "could not renew the serving lease");
             }
             tokio::time::sleep(LEASE_RENEW).await;
@@ -299,8 +310,11 @@ impl Store {
         while started.elapsed() < LEASE_FRESH {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = read().await?;
-            let changed: Vec<String> =
-                now.iter().filter(|(name, body)| first.get(*name).is_some_and(|b| b != *body)).map(|(n, _)| n.clone()).collect();
+            let changed: Vec<String> = now
+                .iter()
+                .filter(|(name, body)| first.get(*name).is_some_and(|b| b != *body))
+                .map(|(n, _)| n.clone())
+                .collect();
             let added: Vec<String> = now.keys().filter(|n| !first.contains_key(*n)).cloned().collect();
             if !changed.is_empty() || !added.is_empty() {
                 return Ok(changed.into_iter().chain(added).collect());
@@ -358,7 +372,9 @@ impl GcLock {
                 None => Some(1),
                 Some((generation, Some(body))) if body.released => Some(generation + 1),
                 Some((generation, body)) => match watched {
-                    Some((seen, since)) if seen == *generation && since.elapsed() >= LOCK_TTL => Some(generation + 1),
+                    Some((seen, since)) if seen == *generation && since.elapsed() >= LOCK_TTL => {
+                        Some(generation + 1)
+                    }
                     Some((seen, _)) if seen != *generation => {
                         let holder = body.as_ref().map_or("unknown", |b| b.owner.as_str());
                         return Err(gc_error(format!(
@@ -397,10 +413,11 @@ impl GcLock {
             let body = serde_json::to_vec(&LockBody { owner: owner.clone(), released: false }).expect("json");
             match store.create(&keys::gc_lock(generation + 1), body).await {
                 Ok(true) => {
-                    let mut h = hold.lock().expect("hold lock");
-                    h.generation = generation + 1;
-                    h.renewed = Instant::now();
-                    drop(h);
+                    {
+                        let mut h = hold.lock().expect("hold lock");
+                        h.generation = generation + 1;
+                        h.renewed = Instant::now();
+                    }
                     let _ = store.objects.delete(&keys::gc_lock(generation)).await;
                 }
                 Ok(false) => {
@@ -440,8 +457,9 @@ impl GcLock {
                 let _ = self.store.objects.delete(&keys::gc_lock(generation)).await;
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "could not release the GC lock; it expires in {}s", LOCK_TTL.as_secs()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the GC lock; it expires in {}s", LOCK_TTL.as_secs())
+            }
         }
     }
 }
-

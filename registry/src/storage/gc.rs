@@ -222,7 +222,8 @@ impl Store {
         fill(report, &plan);
         let swept: Vec<PackId> =
             plan.dead_packs.iter().cloned().chain(plan.rewrites.iter().map(|(p, _)| p.clone())).collect();
-        if swept.is_empty() && plan.orphans.is_empty() && plan.recipes.is_empty() && plan.manifests.is_empty() {
+        if swept.is_empty() && plan.orphans.is_empty() && plan.recipes.is_empty() && plan.manifests.is_empty()
+        {
             return Ok(());
         }
         // Copies first: nothing is deleted before its live chunks are stored elsewhere.
@@ -247,11 +248,13 @@ impl Store {
         for old in &swept {
             let Some(bytes) = self.get_opt(&keys::pack_index(old)).await? else { continue };
             let Ok(entries) = pack::decode_index(&bytes) else { continue };
-            let rescued: Vec<_> =
-                entries.into_iter().filter(|e| live.chunks.contains(&e.id) && !copied.contains(&e.id)).collect();
+            let rescued: Vec<_> = entries
+                .into_iter()
+                .filter(|e| live.chunks.contains(&e.id) && !copied.contains(&e.id))
+                .collect();
             if !rescued.is_empty() {
                 tracing::info!(pack = %old, chunks = rescued.len(), "chunks committed during the run: copied before the sweep");
-                for (new, entries) in self.copy_frames(old, &rescued).await? {
+                if let Some((new, entries)) = self.copy_frames(old, &rescued).await? {
                     self.index.write().expect("index lock").relocate(new, &entries);
                 }
             }
@@ -413,7 +416,6 @@ impl Store {
         let live = Live { manifests: live_manifests, recipes: live_recipes, chunks: live_chunks };
         Ok((live, dead_manifests, dead_recipes))
     }
-
 
     async fn plan_packs(
         &self,

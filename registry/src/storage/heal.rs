@@ -84,7 +84,8 @@ impl Store {
             let mut check = PackCheck { entries, ..Default::default() };
             for e in &check.entries {
                 let frame = body.get(e.offset as usize..(e.offset + u64::from(e.len)) as usize);
-                let ok = frame.is_some_and(|f| EncodedChunk::from_frame(f).and_then(|c| c.decode(&e.id)).is_ok());
+                let ok =
+                    frame.is_some_and(|f| EncodedChunk::from_frame(f).and_then(|c| c.decode(&e.id)).is_ok());
                 check.bytes += frame.map_or(0, |f| f.len() as u64);
                 if !ok {
                     check.bad.push(*e);
@@ -92,10 +93,10 @@ impl Store {
             }
             check
         };
-        tokio::task::spawn_blocking(verify)
-            .await
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt { key: keys::pack(id).to_string(), why: format!("verify task: {e}") })
+        tokio::task::spawn_blocking(verify).await.map(Some).map_err(|e| StoreError::Corrupt {
+            key: keys::pack(id).to_string(),
+            why: format!("verify task: {e}"),
+        })
     }
 
     /// Drops the bad chunks of a checked pack: from the in-memory index (where it locates
@@ -143,7 +144,9 @@ impl Store {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(pack = %id, error = %e, "could not check a pack after a failed read"),
+                Err(e) => {
+                    tracing::warn!(pack = %id, error = %e, "could not check a pack after a failed read")
+                }
             }
         }
         dropped

@@ -100,12 +100,6 @@ impl ChunkIndex {
         }
     }
 
-    /// Forgets a chunk (GC is about to delete it): until a new pack stores it again, it is
-    /// absent, so writers store it anew and recipe commits that need it are refused.
-    pub(crate) fn remove(&mut self, id: &ChunkId) {
-        self.chunks.remove(id);
-    }
-
     /// Forgets those of `ids` located in `pack` (their frames there are unreadable, see
     /// `storage::heal`); a chunk located in another pack keeps that location. The pack
     /// stays seen, so a refresh never brings them back.

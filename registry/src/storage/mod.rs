@@ -7,8 +7,8 @@
 mod cache;
 mod chunks;
 pub(crate) mod durable;
-mod fence;
 pub(crate) mod faults;
+mod fence;
 pub(crate) mod gc;
 mod heal;
 mod index;
@@ -51,8 +51,8 @@ impl From<object_store::Error> for StoreError {
 type Result<T> = std::result::Result<T, StoreError>;
 
 pub use chunks::{ChunkWriter, DEFAULT_PACK_TARGET};
-pub use gc::{GcOptions, GcReport, DEFAULT_GRACE, DEFAULT_REWRITE_BELOW};
 pub use fence::ConditionalWrites;
+pub use gc::{GcOptions, GcReport, DEFAULT_GRACE, DEFAULT_REWRITE_BELOW};
 pub use heal::ScrubReport;
 
 /// Typed access to the registry's objects.
@@ -166,7 +166,9 @@ impl Store {
     pub async fn put_recipe(&self, recipe: &Recipe) -> Result<()> {
         let ids = recipe.distinct_chunks();
         if self.which_present(&ids).await?.contains(&false) {
-            return Err(gc::collected("a chunk of this blob is not stored (garbage-collected or corrupt); upload it again"));
+            return Err(gc::collected(
+                "a chunk of this blob is not stored (garbage-collected or corrupt); upload it again",
+            ));
         }
         let bytes = recipe.encode();
         let len = bytes.len();
@@ -222,7 +224,8 @@ impl Store {
         let link = keys::blob_link(repo, digest);
         self.put(&link, size.to_string()).await?;
         let fence = self.sync_sweeps().await?;
-        let gone = fence.doomed_recipe(digest) || (fence.swept_any() && !self.exists(&keys::recipe(digest)).await?);
+        let gone =
+            fence.doomed_recipe(digest) || (fence.swept_any() && !self.exists(&keys::recipe(digest)).await?);
         drop(fence);
         if gone {
             let _ = self.objects.delete(&link).await;
@@ -272,8 +275,8 @@ impl Store {
         let link = keys::manifest_link(repo, digest);
         self.put(&link, media_type.to_owned()).await?;
         let fence = self.sync_sweeps().await?;
-        let gone =
-            fence.doomed_manifest(digest) || (fence.swept_any() && !self.exists(&keys::manifest(digest)).await?);
+        let gone = fence.doomed_manifest(digest)
+            || (fence.swept_any() && !self.exists(&keys::manifest(digest)).await?);
         drop(fence);
         if gone {
             let _ = self.objects.delete(&link).await;
