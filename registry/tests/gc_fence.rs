@@ -28,15 +28,15 @@ use thaw_schema::{ChunkId, ChunkerParams, Recipe, Sha256Digest};
 
 const REPO: &str = "fence/app";
 
-/// A blob of three random 40 KB chunks, with its chunks and recipe.
+/// A blob of three random 40 KiB chunks, with its chunks and recipe.
 fn blob(seed: u64) -> (Vec<u8>, Vec<(ChunkId, EncodedChunk)>, Recipe) {
     let mut data = Vec::new();
     let mut chunks = Vec::new();
-    let mut builder = RecipeBuilder::new(ChunkerParams::fixed(40_000));
+    let mut builder = RecipeBuilder::new(ChunkerParams::fixed(40_960));
     for i in 0..3 {
-        let piece = Rng::new(seed * 10 + i).bytes(40_000);
+        let piece = Rng::new(seed * 10 + i).bytes(40_960);
         let id = ChunkId::of(&piece);
-        builder.push_data(40_000, id);
+        builder.push_data(40_960, id);
         chunks.push((id, EncodedChunk::compress(&piece, 1)));
         data.extend_from_slice(&piece);
     }
