@@ -48,7 +48,7 @@ impl SyncedFs {
     }
 
     fn file_of(&self, location: &Path) -> Result<PathBuf> {
-        Ok(self.inner.path_to_filesystem(location)?)
+        self.inner.path_to_filesystem(location)
     }
 
     /// fsyncs `file` (when given) and then the directory holding it, off the async threads.
