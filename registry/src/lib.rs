@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::local::LocalFileSystem;
 use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use thaw_schema::chunker::ChunkerParams;
@@ -39,8 +38,8 @@ pub use limits::{
 pub use storage::faults::{Fault, Faults, Faulty, Op, Rule, RuleId};
 pub use storage::metrics::{process_storage_metrics, Counted, StorageCounts, StorageMetrics};
 pub use storage::{
-    ChunkWriter, GcOptions, GcReport, Store, StoreError, DEFAULT_GRACE, DEFAULT_PACK_TARGET,
-    DEFAULT_REWRITE_BELOW,
+    ChunkWriter, ConditionalWrites, GcOptions, GcReport, ScrubReport, Store, StoreError, DEFAULT_GRACE,
+    DEFAULT_PACK_TARGET, DEFAULT_REWRITE_BELOW,
 };
 pub use uploads::{
     UploadLimits, DEFAULT_MAX_UPLOAD_SESSIONS, DEFAULT_MAX_UPLOAD_SESSIONS_PER_CLIENT, DEFAULT_UPLOAD_MAX_AGE,
@@ -171,7 +170,8 @@ fn open_objects(
     let root = PathBuf::from(&config.storage);
     std::fs::create_dir_all(&root)
         .with_context(|| format!("creating storage directory {}", root.display()))?;
-    let objects = LocalFileSystem::new_with_prefix(&root)
+    // fsync'd writes: a pack must be on disk before the index that points at it (D6).
+    let objects = storage::durable::SyncedFs::new(&root)
         .with_context(|| format!("opening storage directory {}", root.display()))?;
     Ok((counted(Arc::new(objects)), upload_dir_override.unwrap_or_else(|| root.join("_uploads"))))
 }
@@ -262,37 +262,60 @@ fn start_upload_expiry(runtime: &tokio::runtime::Handle, state: &Arc<AppState>) 
     });
 }
 
-/// Keeps this registry's serving lease (which makes a standalone `thaw-registry gc`
-/// refuse to run) and, with `gc_interval`, collects garbage periodically.
+/// Probes the store's conditional writes (logged), keeps this registry's serving lease
+/// (which stores without conditional writes need to refuse GC across replicas) and, with
+/// `gc_interval`, collects garbage periodically (docs/DECISIONS.md D26).
 fn start_gc_tasks(runtime: &tokio::runtime::Handle, state: &Arc<AppState>, options: &ServeOptions) {
     let lease = hex::encode(rand::random::<[u8; 8]>());
     runtime.spawn(state.store.clone().keep_lease(lease.clone()));
+    let store = state.store.clone();
+    let online = options.gc_interval.is_some();
+    runtime.spawn(async move {
+        match store.probe_conditional_writes().await {
+            Ok(w) if !w.create && online => tracing::warn!(
+                "this storage ignores conditional writes (If-None-Match): online GC runs only while \
+                 no other replica serves it; with several replicas, stop all but one or run \
+                 `thaw-registry gc` with every replica stopped"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "conditional-write probe failed; GC will probe again"),
+        }
+    });
     let Some(interval) = options.gc_interval else { return };
     let (state, gc) = (Arc::downgrade(state), options.gc.clone());
     runtime.spawn(async move {
         loop {
             tokio::time::sleep(interval).await;
             let Some(state) = state.upgrade() else { return };
-            if let Err(e) = state.store.refuse_if_others_serve(Some(&lease)).await {
-                tracing::warn!(error = %e, "gc run skipped");
-                continue;
-            }
             let expire = |age| state.uploads.expire_now(age);
-            if let Err(e) = state.store.collect_garbage(&gc, Some(&expire)).await {
-                tracing::error!(error = %e, "gc run failed");
+            if let Err(e) = state.store.collect_garbage(&gc, Some(&expire), Some(&lease)).await {
+                tracing::error!(error = %e, "gc run failed or skipped");
             }
         }
     });
 }
 
-/// One standalone GC run over `storage` (`thaw-registry gc`): refused while a registry
-/// serves the same storage (its lease is fresh).
+/// One standalone GC run over `storage` (`thaw-registry gc`). On stores that honour
+/// conditional writes it takes the GC lock and fences serving replicas' commits; on others
+/// it is refused while a registry serves the same storage.
 pub async fn collect_garbage(storage: &str, options: &GcOptions) -> anyhow::Result<GcReport> {
     let config = RegistryConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), storage);
     let (objects, _spool) = open_objects(&config, None)?;
     let store = Arc::new(Store::new(objects));
-    store.refuse_if_others_serve(None).await?;
-    Ok(store.collect_garbage(options, None).await?)
+    Ok(store.collect_garbage(options, None, None).await?)
+}
+
+/// `thaw-registry scrub`: verifies every stored chunk and, unless `dry_run`, drops the bad
+/// ones from their pack indexes so the next push stores them again. `progress` is called
+/// after each pack with (packs done, packs total, report so far).
+pub async fn scrub(
+    storage: &str,
+    dry_run: bool,
+    progress: &(dyn Fn(u64, u64, &ScrubReport) + Sync),
+) -> anyhow::Result<ScrubReport> {
+    let config = RegistryConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), storage);
+    let (objects, _spool) = open_objects(&config, None)?;
+    Ok(Store::new(objects).scrub(dry_run, progress).await?)
 }
 
 /// The router behind the auth middleware when `auth` is set (see [`auth`]), both behind the

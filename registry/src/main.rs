@@ -97,6 +97,17 @@ enum Command {
         #[arg(long, default_value_t = thaw_registry::DEFAULT_REWRITE_BELOW)]
         rewrite_below: f64,
     },
+    /// Verify every stored chunk against its id; drop the bad ones from their pack indexes
+    /// so they count as missing and the next push stores them again. Exits 1 when bad
+    /// chunks were found with --dry-run.
+    Scrub {
+        /// Storage: a directory path, or s3://BUCKET/PREFIX.
+        #[arg(long, env = "THAW_STORAGE", default_value = "./thaw-data")]
+        storage: String,
+        /// Report the bad chunks; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `500ms`, `90s`, `30m`, `6h`, `1d`, or plain seconds.
@@ -124,6 +135,30 @@ async fn run_gc(storage: &str, options: thaw_registry::GcOptions) -> std::proces
         }
         Err(e) => {
             eprintln!("thaw-registry gc: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_scrub(storage: &str, dry_run: bool) -> std::process::ExitCode {
+    let progress = |done: u64, total: u64, so_far: &thaw_registry::ScrubReport| {
+        eprintln!(
+            "scrub: pack {done}/{total}, {} chunks checked, {} bad",
+            so_far.chunks,
+            so_far.bad_chunks.len()
+        );
+    };
+    match thaw_registry::scrub(storage, dry_run, &progress).await {
+        Ok(report) => {
+            println!("{report}");
+            if dry_run && !report.bad_chunks.is_empty() {
+                std::process::ExitCode::FAILURE
+            } else {
+                std::process::ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("thaw-registry scrub: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -185,6 +220,9 @@ async fn main() -> std::process::ExitCode {
             ..Default::default()
         };
         return run_gc(storage, options).await;
+    }
+    if let Some(Command::Scrub { storage, dry_run }) = &args.command {
+        return run_scrub(storage, *dry_run).await;
     }
     let limits = match args.limits() {
         Ok(l) => l,

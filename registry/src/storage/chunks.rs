@@ -328,12 +328,23 @@ impl Store {
         wanted: Vec<(ChunkId, Option<u32>)>,
         decode: bool,
     ) -> Result<Vec<(ChunkId, WindowRead)>> {
-        match self.fetch_window_once(&wanted, decode).await {
+        let result = match self.fetch_window_once(&wanted, decode).await {
             Err(StoreError::Backend(object_store::Error::NotFound { .. })) => {
                 self.fetch_window_once(&wanted, decode).await
             }
             other => other,
+        };
+        // Stored frames that are short or fail verification: drop them from the index so
+        // the next push stores them again (storage::heal).
+        if let Err(StoreError::Corrupt { .. } | StoreError::Backend(object_store::Error::Generic { .. })) =
+            &result
+        {
+            let ids: Vec<ChunkId> = wanted.iter().map(|(id, _)| *id).collect();
+            if let Ok(located) = self.locate_all(&ids).await {
+                self.heal_packs(located.into_iter().map(|(pack, _)| pack).collect::<HashSet<PackId>>()).await;
+            }
         }
+        result
     }
 
     async fn fetch_window_once(

@@ -13,17 +13,22 @@
 //! rewritten pack's copy and its index are written before the old index and then the old
 //! pack are deleted; a dead pack loses its index before its body (a body without an index
 //! is an orphan, deleted by a later run once older than the grace period).
+//!
+//! Across replicas (docs/DECISIONS.md D26, `storage::fence`): one run at a time holds the GC
+//! lock; a run publishes a sweep record before it deletes, marks a second time, and deletes
+//! only what both marks found dead, so commits on any replica are fenced without waiting.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectMeta, PutPayload};
+use thaw_schema::frame::EncodedChunk;
 use thaw_schema::{ChunkId, Sha256Digest};
 
+use super::fence::{GcLock, SweepRecord};
 use super::pack::{self, PackBuilder, PackId};
 use super::{keys, Result, Store, StoreError};
 
@@ -31,22 +36,6 @@ use super::{keys, Result, Store, StoreError};
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 /// Default threshold under which a pack is rewritten: the fraction of its bytes still live.
 pub const DEFAULT_REWRITE_BELOW: f64 = 0.5;
-/// How often a serving registry renews its lease, and how old a lease may be and still
-/// count as a serving registry.
-const LEASE_RENEW: Duration = Duration::from_secs(10);
-const LEASE_FRESH: Duration = Duration::from_secs(30);
-const LEASES: &str = "gc/serving";
-
-/// What a GC run in this process is deleting, checked by commits (`Store::put_recipe`,
-/// `link_blob`, `link_manifest`) under the shared side of `Store::gc_fence`.
-#[derive(Debug, Default)]
-pub(crate) struct Doomed {
-    pub(crate) recipes: HashSet<Sha256Digest>,
-    pub(crate) manifests: HashSet<Sha256Digest>,
-    /// Runs that deleted something; once non-zero, links check their content exists.
-    pub(crate) runs_deleted: u64,
-}
-
 /// The retryable error (503 `UNAVAILABLE`) a commit gets when GC took its content.
 pub(crate) fn collected(why: &str) -> StoreError {
     StoreError::Backend(object_store::Error::Generic { store: "gc", source: why.to_owned().into() })
@@ -122,7 +111,7 @@ impl std::fmt::Display for GcReport {
     }
 }
 
-/// Everything a run will delete, decided under the exclusive fence.
+/// Everything a run may delete, from its first mark.
 #[derive(Default)]
 struct Plan {
     manifests: Vec<(Sha256Digest, u64)>,
@@ -138,6 +127,14 @@ struct Plan {
     chunk_bytes: u64,
 }
 
+/// What a mark found reachable.
+#[derive(Default)]
+struct Live {
+    manifests: HashSet<Sha256Digest>,
+    recipes: HashSet<Sha256Digest>,
+    chunks: HashSet<ChunkId>,
+}
+
 fn digest_of_key(key: &Path) -> Option<Sha256Digest> {
     format!("sha256:{}", key.filename()?).parse().ok()
 }
@@ -151,45 +148,18 @@ impl Store {
         Ok(self.objects.list(Some(&Path::from(prefix))).try_collect().await?)
     }
 
-    /// Fails when a registry other than `own_lease` renewed its lease recently: GC in one
-    /// process cannot fence the commits of another (docs/DECISIONS.md D17).
-    pub async fn refuse_if_others_serve(&self, own_lease: Option<&str>) -> Result<()> {
-        let now = SystemTime::now();
-        for meta in self.list_meta(LEASES).await? {
-            let name = meta.location.filename().unwrap_or_default().to_owned();
-            let fresh = now.duration_since(meta.last_modified.into()).unwrap_or_default() < LEASE_FRESH;
-            if fresh && Some(name.as_str()) != own_lease {
-                return Err(StoreError::Backend(object_store::Error::Generic {
-                    store: "gc",
-                    source: format!(
-                        "registry {name} is serving this storage (lease {}); run GC inside it \
-                         (--gc-interval) or stop it first",
-                        meta.location
-                    )
-                    .into(),
-                }));
-            }
-        }
-        Ok(())
-    }
-
-    /// Renews this process's serving lease until the task is dropped.
-    pub(crate) async fn keep_lease(self: Arc<Self>, name: String) {
-        let key = Path::from(format!("{LEASES}/{name}"));
-        loop {
-            if let Err(e) = self.objects.put(&key, PutPayload::from(Bytes::from_static(b"serving"))).await {
-                tracing::warn!(error = %e, "could not renew the serving lease");
-            }
-            tokio::time::sleep(LEASE_RENEW).await;
-        }
-    }
-
-    /// One GC run (see the module docs). `expire` expires this process's stale upload
-    /// sessions and returns how many; standalone runs pass `None`.
+    /// One GC run (see the module docs and `storage::fence`). `expire` expires this
+    /// process's stale upload sessions and returns how many; standalone runs pass `None`.
+    /// `own_lease` is this process's serving lease, when it serves.
+    ///
+    /// Nothing blocks commits: the run marks, publishes what it is about to delete as a sweep
+    /// record, marks again (seeing every commit that wrote before the record appeared), and
+    /// deletes only what both marks found dead, while it provably holds the GC lock.
     pub async fn collect_garbage(
         self: &Arc<Self>,
         options: &GcOptions,
         expire: Option<&(dyn Fn(Duration) -> u64 + Sync)>,
+        own_lease: Option<&str>,
     ) -> Result<GcReport> {
         let cutoff = SystemTime::now() - options.grace;
         let mut report = GcReport { dry_run: options.dry_run, ..Default::default() };
@@ -198,31 +168,28 @@ impl Store {
             fill(&mut report, &plan);
             return Ok(report);
         }
-        report.upload_sessions = expire.map(|f| f(options.upload_max_age));
-        // Mark and doom under the exclusive fence: every commit either finished before (and
-        // the mark sees it) or runs after (and sees the doomed content gone).
-        let plan = {
-            let mut fence = self.gc_fence.write().await;
-            let plan = self.plan(cutoff, options).await?;
-            fence.recipes.extend(plan.recipes.iter().map(|(d, _)| *d));
-            fence.manifests.extend(plan.manifests.iter().map(|(d, _)| *d));
-            let mut index = self.index.write().expect("index lock");
-            for id in &plan.doomed_chunks {
-                index.remove(id);
+        let writes = self.probe_conditional_writes().await?;
+        let lock = if writes.create {
+            Some(GcLock::acquire(self.clone()).await?)
+        } else {
+            let live = self.live_leases(own_lease).await?;
+            if let Some(other) = live.first() {
+                return Err(StoreError::Backend(object_store::Error::Generic {
+                    store: "gc",
+                    source: format!(
+                        "this storage ignores conditional writes (If-None-Match), so GC cannot be fenced \
+                         against other replicas, and registry {other} is serving it: run one replica only \
+                         with --gc-interval, or stop every replica and run `thaw-registry gc`"
+                    )
+                    .into(),
+                }));
             }
-            drop(index);
-            for (digest, _) in &plan.recipes {
-                self.recipes.remove(digest);
-            }
-            plan
+            None
         };
-        fill(&mut report, &plan);
-        let outcome = self.execute(&plan).await;
-        let mut fence = self.gc_fence.write().await;
-        fence.runs_deleted += 1;
-        fence.recipes.clear();
-        fence.manifests.clear();
-        drop(fence);
+        let outcome = self.run_sweep(options, cutoff, expire, lock.as_ref(), &mut report).await;
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
         outcome?;
         tracing::info!(
             manifests = report.manifests,
@@ -238,8 +205,147 @@ impl Store {
         Ok(report)
     }
 
-    /// The live sets: manifests and blob digests reachable from links, plus young objects.
+    async fn run_sweep(
+        &self,
+        options: &GcOptions,
+        cutoff: SystemTime,
+        expire: Option<&(dyn Fn(Duration) -> u64 + Sync)>,
+        lock: Option<&GcLock>,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let held = || lock.map_or(Ok(()), GcLock::ensure_held);
+        if lock.is_some() {
+            self.close_abandoned_sweeps().await?;
+        }
+        report.upload_sessions = expire.map(|f| f(options.upload_max_age));
+        let plan = self.plan(cutoff, options).await?;
+        fill(report, &plan);
+        let swept: Vec<PackId> =
+            plan.dead_packs.iter().cloned().chain(plan.rewrites.iter().map(|(p, _)| p.clone())).collect();
+        if swept.is_empty() && plan.orphans.is_empty() && plan.recipes.is_empty() && plan.manifests.is_empty()
+        {
+            return Ok(());
+        }
+        // Copies first: nothing is deleted before its live chunks are stored elsewhere.
+        let mut copies: Vec<(PackId, Vec<pack::IndexEntry>)> = Vec::new();
+        for (old, kept) in &plan.rewrites {
+            copies.extend(self.copy_frames(old, kept).await?);
+        }
+        held()?;
+        let record = SweepRecord {
+            packs: swept.iter().map(ToString::to_string).collect(),
+            recipes: plan.recipes.iter().map(|(d, _)| *d).collect(),
+            manifests: plan.manifests.iter().map(|(d, _)| *d).collect(),
+        };
+        let epoch = self.publish_sweep(&record).await?;
+        drop(self.sync_sweeps().await?);
+        for (new, entries) in &copies {
+            self.index.write().expect("index lock").relocate(new.clone(), entries);
+        }
+        // Second mark: sees every commit that wrote before the record was published.
+        let (live, _, _) = self.mark(cutoff).await?;
+        let copied: HashSet<ChunkId> = copies.iter().flat_map(|(_, e)| e.iter().map(|e| e.id)).collect();
+        for old in &swept {
+            let Some(bytes) = self.get_opt(&keys::pack_index(old)).await? else { continue };
+            let Ok(entries) = pack::decode_index(&bytes) else { continue };
+            let rescued: Vec<_> = entries
+                .into_iter()
+                .filter(|e| live.chunks.contains(&e.id) && !copied.contains(&e.id))
+                .collect();
+            if !rescued.is_empty() {
+                tracing::info!(pack = %old, chunks = rescued.len(), "chunks committed during the run: copied before the sweep");
+                if let Some((new, entries)) = self.copy_frames(old, &rescued).await? {
+                    self.index.write().expect("index lock").relocate(new, &entries);
+                }
+            }
+        }
+        for old in &swept {
+            held()?;
+            self.delete(&keys::pack_index(old)).await?;
+            self.delete(&keys::pack(old)).await?;
+        }
+        for (key, _) in &plan.orphans {
+            held()?;
+            self.delete(key).await?;
+        }
+        let recipes: Vec<_> = plan.recipes.iter().filter(|(d, _)| !live.recipes.contains(d)).collect();
+        let manifests: Vec<_> = plan.manifests.iter().filter(|(d, _)| !live.manifests.contains(d)).collect();
+        report.recipes = recipes.len() as u64;
+        report.recipe_bytes = recipes.iter().map(|(_, b)| b).sum();
+        report.manifests = manifests.len() as u64;
+        report.manifest_bytes = manifests.iter().map(|(_, b)| b).sum();
+        for (n, (digest, _)) in recipes.iter().enumerate() {
+            if n % 64 == 0 {
+                held()?;
+            }
+            self.delete(&keys::recipe(digest)).await?;
+        }
+        for (n, (digest, _)) in manifests.iter().enumerate() {
+            if n % 64 == 0 {
+                held()?;
+            }
+            self.delete(&keys::manifest(digest)).await?;
+        }
+        self.close_sweep(epoch).await
+    }
+
+    /// Copies the frames of `entries` out of pack `old` into a new pack and index, each
+    /// frame verified against its id first (a bad one is dropped and logged: copying it
+    /// would only move the damage). `None` when no frame was good.
+    async fn copy_frames(
+        &self,
+        old: &PackId,
+        entries: &[pack::IndexEntry],
+    ) -> Result<Option<(PackId, Vec<pack::IndexEntry>)>> {
+        let body = match self.objects.get(&keys::pack(old)).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let entries = entries.to_vec();
+        let pack_name = old.to_string();
+        let build = move || {
+            let mut builder = PackBuilder::new();
+            for e in &entries {
+                let frame = body.get(e.offset as usize..(e.offset + u64::from(e.len)) as usize);
+                match frame.map(|f| (f, EncodedChunk::from_frame(f).and_then(|c| c.decode(&e.id)))) {
+                    Some((f, Ok(_))) => {
+                        let raw_len = u32::from_le_bytes(f[1..5].try_into().expect("4 bytes"));
+                        builder.push(e.id, f[0], raw_len, &f[5..]);
+                    }
+                    _ => tracing::error!(pack = %pack_name, chunk = %e.id, "corrupt chunk not copied"),
+                }
+            }
+            builder
+        };
+        let builder = tokio::task::spawn_blocking(build)
+            .await
+            .map_err(|e| super::corrupt(&keys::pack(old), format!("copy task: {e}")))?;
+        if builder.is_empty() {
+            return Ok(None);
+        }
+        let (new_body, entries) = builder.finish();
+        let new = PackId::generate();
+        self.objects.put(&keys::pack(&new), PutPayload::from(new_body)).await?;
+        self.objects.put(&keys::pack_index(&new), PutPayload::from(pack::encode_index(&entries))).await?;
+        Ok(Some((new, entries)))
+    }
+
+    /// What GC would delete now: the mark, then the packs.
     async fn plan(&self, cutoff: SystemTime, options: &GcOptions) -> Result<Plan> {
+        let (live, manifests, recipes) = self.mark(cutoff).await?;
+        let mut plan = Plan { manifests, recipes, ..Default::default() };
+        self.plan_packs(cutoff, options, &live.chunks, &mut plan).await?;
+        Ok(plan)
+    }
+
+    /// The live sets (reachable from links, or young), and the dead manifests and recipes
+    /// with their sizes.
+    #[allow(clippy::type_complexity)]
+    async fn mark(
+        &self,
+        cutoff: SystemTime,
+    ) -> Result<(Live, Vec<(Sha256Digest, u64)>, Vec<(Sha256Digest, u64)>)> {
         let mut live_manifests: HashSet<Sha256Digest> = HashSet::new();
         let mut live_blobs: HashSet<Sha256Digest> = HashSet::new();
         for meta in self.list_meta(keys::REPOSITORIES).await? {
@@ -284,30 +390,31 @@ impl Store {
                 pending.push(child);
             }
         }
-        let mut plan = Plan::default();
+        let mut dead_manifests = Vec::new();
         for meta in stored_manifests {
             let Some(digest) = digest_of_key(&meta.location) else { continue };
             if !live_manifests.contains(&digest) {
-                plan.manifests.push((digest, meta.size));
+                dead_manifests.push((digest, meta.size));
             }
         }
-        let mut live_recipes: Vec<Sha256Digest> = Vec::new();
+        let mut live_recipes: HashSet<Sha256Digest> = HashSet::new();
+        let mut dead_recipes = Vec::new();
         for meta in self.list_meta("recipes/sha256").await? {
             let Some(digest) = digest_of_key(&meta.location) else { continue };
             if live_blobs.contains(&digest) || !older_than(&meta, cutoff) {
-                live_recipes.push(digest);
+                live_recipes.insert(digest);
             } else {
-                plan.recipes.push((digest, meta.size));
+                dead_recipes.push((digest, meta.size));
             }
         }
         let mut live_chunks: HashSet<ChunkId> = HashSet::new();
-        for digest in live_recipes {
-            if let Some(recipe) = self.get_recipe(&digest).await? {
+        for digest in &live_recipes {
+            if let Some(recipe) = self.get_recipe(digest).await? {
                 live_chunks.extend(recipe.distinct_chunks());
             }
         }
-        self.plan_packs(cutoff, options, &live_chunks, &mut plan).await?;
-        Ok(plan)
+        let live = Live { manifests: live_manifests, recipes: live_recipes, chunks: live_chunks };
+        Ok((live, dead_manifests, dead_recipes))
     }
 
     async fn plan_packs(
@@ -360,42 +467,6 @@ impl Store {
         }
         // A chunk live in one pack may be dead in another copy: never doom a live id.
         plan.doomed_chunks.retain(|id| !live.contains(id));
-        Ok(())
-    }
-
-    async fn execute(&self, plan: &Plan) -> Result<()> {
-        for (old, kept) in &plan.rewrites {
-            let body = self.objects.get(&keys::pack(old)).await?.bytes().await?;
-            let mut builder = PackBuilder::new();
-            for e in kept {
-                let frame = body
-                    .get(e.offset as usize..(e.offset + u64::from(e.len)) as usize)
-                    .filter(|f| f.len() >= 5)
-                    .ok_or_else(|| super::corrupt(&keys::pack(old), "index entry outside the pack"))?;
-                let raw_len = u32::from_le_bytes(frame[1..5].try_into().expect("4 bytes"));
-                builder.push(e.id, frame[0], raw_len, &frame[5..]);
-            }
-            let (new_body, entries) = builder.finish();
-            let new = PackId::generate();
-            self.objects.put(&keys::pack(&new), PutPayload::from(new_body)).await?;
-            self.objects.put(&keys::pack_index(&new), PutPayload::from(pack::encode_index(&entries))).await?;
-            self.index.write().expect("index lock").relocate(new, &entries);
-            self.delete(&keys::pack_index(old)).await?;
-            self.delete(&keys::pack(old)).await?;
-        }
-        for old in &plan.dead_packs {
-            self.delete(&keys::pack_index(old)).await?;
-            self.delete(&keys::pack(old)).await?;
-        }
-        for (key, _) in &plan.orphans {
-            self.delete(key).await?;
-        }
-        for (digest, _) in &plan.recipes {
-            self.delete(&keys::recipe(digest)).await?;
-        }
-        for (digest, _) in &plan.manifests {
-            self.delete(&keys::manifest(digest)).await?;
-        }
         Ok(())
     }
 }

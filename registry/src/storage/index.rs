@@ -100,10 +100,34 @@ impl ChunkIndex {
         }
     }
 
-    /// Forgets a chunk (GC is about to delete it): until a new pack stores it again, it is
-    /// absent, so writers store it anew and recipe commits that need it are refused.
-    pub(crate) fn remove(&mut self, id: &ChunkId) {
-        self.chunks.remove(id);
+    /// Forgets those of `ids` located in `pack` (their frames there are unreadable, see
+    /// `storage::heal`); a chunk located in another pack keeps that location. The pack
+    /// stays seen, so a refresh never brings them back.
+    pub(crate) fn forget_in_pack(&mut self, pack: &PackId, ids: &HashSet<ChunkId>) {
+        let Some(number) = self.packs.iter().position(|p| p == pack) else { return };
+        for id in ids {
+            if self.chunks.get(id).is_some_and(|loc| loc.pack as usize == number) {
+                self.chunks.remove(id);
+            }
+        }
+    }
+
+    /// Forgets every chunk located in `packs` (a GC sweep deletes them) and marks them seen,
+    /// so a refresh never reads them again; chunks they hold that are still live are found
+    /// in GC's copies, which are new packs.
+    pub(crate) fn forget_packs(&mut self, packs: &[PackId]) {
+        let wanted: HashSet<&PackId> = packs.iter().collect();
+        let numbers: HashSet<u32> = self
+            .packs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| wanted.contains(p))
+            .map(|(n, _)| n as u32)
+            .collect();
+        if !numbers.is_empty() {
+            self.chunks.retain(|_, loc| !numbers.contains(&loc.pack));
+        }
+        self.seen.extend(packs.iter().cloned());
     }
 
     /// Points the chunks of `entries` at `pack` (GC's rewritten copy of an older pack),

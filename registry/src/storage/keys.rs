@@ -11,7 +11,10 @@
 //! repositories/<name>/_referrers/sha256/<subject hex>/sha256/<64 hex>
 //!                                                          referrer descriptor (JSON)
 //! nodes/<node>                                             a node's latest holdings record (JSON), last writer wins
-//! gc/serving/<random>                                      lease of a serving registry, renewed every 10 s (storage::gc)
+//! gc/serving/<random>                                      lease of a serving registry, renewed every 10 s (storage::fence)
+//! gc/lock/<generation>                                     GC lock generation, created with If-None-Match (storage::fence)
+//! gc/sweeps/<epoch, 20 digits>[.done]                      what a GC run may delete, published before it deletes; closed after
+//! gc/probe/<random>                                        conditional-write probe, deleted at once
 //! ```
 //!
 //! Content (chunks, recipes, manifests) is global and content-addressed, so it is stored
@@ -32,6 +35,25 @@ pub(crate) const PACKS: &str = "chunks/packs";
 pub(crate) const PACK_INDEXES: &str = "chunks/index";
 pub(crate) const REPOSITORIES: &str = "repositories";
 pub(crate) const NODES: &str = "nodes";
+pub(crate) const GC_LEASES: &str = "gc/serving";
+pub(crate) const GC_LOCK: &str = "gc/lock";
+pub(crate) const GC_SWEEPS: &str = "gc/sweeps";
+
+pub(crate) fn gc_lease(name: &str) -> Path {
+    Path::from(format!("{GC_LEASES}/{name}"))
+}
+
+pub(crate) fn gc_lock(generation: u64) -> Path {
+    Path::from(format!("{GC_LOCK}/{generation:020}"))
+}
+
+pub(crate) fn gc_sweep(epoch: u64, done: bool) -> Path {
+    Path::from(format!("{GC_SWEEPS}/{epoch:020}{}", if done { ".done" } else { "" }))
+}
+
+pub(crate) fn gc_probe(name: &str) -> Path {
+    Path::from(format!("gc/probe/{name}"))
+}
 
 pub(crate) fn pack(id: &PackId) -> Path {
     Path::from(format!("{PACKS}/{id}"))

@@ -6,8 +6,11 @@
 
 mod cache;
 mod chunks;
+pub(crate) mod durable;
 pub(crate) mod faults;
+mod fence;
 pub(crate) mod gc;
+mod heal;
 mod index;
 pub(crate) mod keys;
 pub(crate) mod metrics;
@@ -59,7 +62,9 @@ impl From<object_store::Error> for StoreError {
 type Result<T> = std::result::Result<T, StoreError>;
 
 pub use chunks::{ChunkWriter, DEFAULT_PACK_TARGET};
+pub use fence::ConditionalWrites;
 pub use gc::{GcOptions, GcReport, DEFAULT_GRACE, DEFAULT_REWRITE_BELOW};
+pub use heal::ScrubReport;
 
 /// Typed access to the registry's objects.
 pub struct Store {
@@ -72,10 +77,11 @@ pub struct Store {
     pack_target: usize,
     /// Recently used decoded recipes (immutable: never stale).
     recipes: cache::Cache<Sha256Digest, Recipe>,
-    /// What a GC run in this process is about to delete; commits hold it shared while they
-    /// check their content is still there, GC holds it exclusively while it dooms
-    /// (docs/DECISIONS.md D17).
-    gc_fence: tokio::sync::RwLock<gc::Doomed>,
+    /// The GC sweeps this process has applied to its index; commits check it after writing
+    /// (docs/DECISIONS.md D26, `storage::fence`).
+    fence: tokio::sync::Mutex<fence::Fence>,
+    /// What the conditional-write probe found (run once, on first need).
+    conditional: tokio::sync::OnceCell<fence::ConditionalWrites>,
 }
 
 /// Bytes of encoded recipes kept decoded in memory (a 2 GiB memory file in 4 KiB pages has
@@ -95,7 +101,8 @@ impl Store {
             refresh: tokio::sync::Mutex::new(chunks::RefreshState::default()),
             pack_target: DEFAULT_PACK_TARGET,
             recipes: cache::Cache::new(RECIPE_CACHE_BYTES),
-            gc_fence: tokio::sync::RwLock::new(gc::Doomed::default()),
+            fence: tokio::sync::Mutex::new(fence::Fence::default()),
+            conditional: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -164,20 +171,27 @@ impl Store {
 
     /// Stores a blob's recipe (content-addressed by the blob digest; a present one is kept).
     /// Refused with a retryable error when GC deleted or is deleting one of its chunks
-    /// since the caller stored or found them (docs/DECISIONS.md D17).
+    /// since the caller stored or found them (docs/DECISIONS.md D26): the sweeps are checked
+    /// *after* the write, so a GC that publishes a sweep later sees this recipe in its
+    /// second mark, and one that published earlier is seen here.
     pub async fn put_recipe(&self, recipe: &Recipe) -> Result<()> {
-        let fence = self.gc_fence.read().await;
         let ids = recipe.distinct_chunks();
-        let unknown: Vec<_> = ids.into_iter().filter(|id| !self.is_known_chunk(id)).collect();
-        if !unknown.is_empty() && self.which_present(&unknown).await?.contains(&false) {
-            return Err(gc::collected("a chunk of this blob was garbage-collected during the upload"));
-        }
-        if fence.recipes.contains(&recipe.digest) {
-            return Err(gc::collected("this blob is being garbage-collected"));
+        if self.which_present(&ids).await?.contains(&false) {
+            return Err(gc::collected(
+                "a chunk of this blob is not stored (garbage-collected or corrupt); upload it again",
+            ));
         }
         let bytes = recipe.encode();
         let len = bytes.len();
         self.put_content(&keys::recipe(&recipe.digest), bytes).await?;
+        let fence = self.sync_sweeps().await?;
+        if fence.doomed_recipe(&recipe.digest) {
+            return Err(gc::collected("this blob is being garbage-collected; push it again shortly"));
+        }
+        drop(fence);
+        if self.which_present(&ids).await?.contains(&false) {
+            return Err(gc::collected("a chunk of this blob was garbage-collected during the upload"));
+        }
         self.recipes.insert(recipe.digest, Arc::new(recipe.clone()), len);
         Ok(())
     }
@@ -204,26 +218,33 @@ impl Store {
         Ok(Some(recipe))
     }
 
-    /// True when a recipe for the digest is stored.
+    /// True when a recipe for the digest is stored *and every chunk it names is stored*:
+    /// a blob whose chunks were found corrupt (and dropped, `storage::heal`) or swept counts
+    /// as absent, so pushing it again stores its chunks anew.
     pub async fn has_recipe(&self, digest: &Sha256Digest) -> Result<bool> {
-        if self.recipes.get(digest).is_some() {
-            return Ok(true);
-        }
-        self.exists(&keys::recipe(digest)).await
+        let Some(recipe) = self.get_recipe(digest).await? else { return Ok(false) };
+        Ok(!self.which_present(&recipe.distinct_chunks()).await?.contains(&false))
     }
 
     // ---- blob links ----
 
     /// Makes a blob readable in `repo`. Refused with a retryable error when GC is deleting
     /// or deleted its recipe (docs/DECISIONS.md D17).
+    /// The link is written first and the sweeps checked after (docs/DECISIONS.md D26): a GC
+    /// publishing later sees the link in its second mark; one published earlier is seen
+    /// here, and the link is taken back.
     pub async fn link_blob(&self, repo: &str, digest: &Sha256Digest, size: u64) -> Result<()> {
-        let fence = self.gc_fence.read().await;
-        if fence.recipes.contains(digest)
-            || (fence.runs_deleted > 0 && !self.exists(&keys::recipe(digest)).await?)
-        {
+        let link = keys::blob_link(repo, digest);
+        self.put(&link, size.to_string()).await?;
+        let fence = self.sync_sweeps().await?;
+        let gone =
+            fence.doomed_recipe(digest) || (fence.swept_any() && !self.exists(&keys::recipe(digest)).await?);
+        drop(fence);
+        if gone {
+            let _ = self.objects.delete(&link).await;
             return Err(gc::collected("this blob was garbage-collected; upload it again"));
         }
-        self.put(&keys::blob_link(repo, digest), size.to_string()).await
+        Ok(())
     }
 
     /// The size of a blob readable in `repo`, or `None`.
@@ -264,13 +285,17 @@ impl Store {
     /// Makes a manifest readable in `repo`, remembering its media type.
     /// Refused with a retryable error when GC is deleting or deleted the manifest bytes.
     pub async fn link_manifest(&self, repo: &str, digest: &Sha256Digest, media_type: &str) -> Result<()> {
-        let fence = self.gc_fence.read().await;
-        if fence.manifests.contains(digest)
-            || (fence.runs_deleted > 0 && !self.exists(&keys::manifest(digest)).await?)
-        {
+        let link = keys::manifest_link(repo, digest);
+        self.put(&link, media_type.to_owned()).await?;
+        let fence = self.sync_sweeps().await?;
+        let gone = fence.doomed_manifest(digest)
+            || (fence.swept_any() && !self.exists(&keys::manifest(digest)).await?);
+        drop(fence);
+        if gone {
+            let _ = self.objects.delete(&link).await;
             return Err(gc::collected("this manifest was garbage-collected; push it again"));
         }
-        self.put(&keys::manifest_link(repo, digest), media_type.to_owned()).await
+        Ok(())
     }
 
     /// The media type of a manifest readable in `repo`, or `None`.
