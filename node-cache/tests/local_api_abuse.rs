@@ -144,7 +144,7 @@ async fn an_unrenewed_lease_expires_and_frees_its_capacity() {
     let b = push(&host, "fn/lease-b:v1", SnapshotData::new(1024, 256, 12)).await;
     let dir = tempfile::tempdir().unwrap();
     // Room for one of these snapshots and its lease's disk copy, not for two.
-    let capacity = 7 << 20;
+    let capacity = 11 << 19;
     let ttl_secs = 2;
     let node =
         NodeCache::start_env(&host, dir.path(), capacity, "node-ttl", &[("THAW_LEASE_TTL", "2")]).await;
