@@ -2,9 +2,7 @@
 //! and `thaw cache`. Bodies are the DTOs of `thaw_schema::cache_api`; errors are
 //! `{"error": {"code", "message"}}` with the status of [`CacheError::status`].
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -13,8 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use thaw_client::{PushOptions, Reference};
-use thaw_schema::cache_api::{EnsureRequest, PublishRequest, PublishResponse, ReleaseRequest};
+use thaw_schema::cache_api::{EnsureRequest, PublishRequest, ReleaseRequest, RenewRequest, RenewResponse};
 
 use crate::cache::Cache;
 use crate::error::{CacheError, Result};
@@ -25,6 +22,7 @@ pub fn app(cache: Arc<Cache>) -> Router {
         .route("/v1/snapshots", get(list))
         .route("/v1/snapshots/ensure", post(ensure))
         .route("/v1/snapshots/release", post(release))
+        .route("/v1/snapshots/renew", post(renew))
         .route("/v1/snapshots/prefetch", post(prefetch))
         .route("/v1/snapshots/publish", post(publish))
         .route("/v1/scrub", post(scrub))
@@ -54,6 +52,12 @@ async fn release(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Respons
     Ok(Json(serde_json::json!({ "released": id })).into_response())
 }
 
+async fn renew(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
+    let req: RenewRequest = parse(&body)?;
+    let lease_expires_ms = cache.renew(&req.lease).await?;
+    Ok(Json(RenewResponse { lease: req.lease, lease_expires_ms }).into_response())
+}
+
 async fn prefetch(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
     let req: EnsureRequest = parse(&body)?;
     let reference = cache.prefetch(&req.reference).await?;
@@ -62,23 +66,7 @@ async fn prefetch(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Respon
 
 async fn publish(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
     let req: PublishRequest = parse(&body)?;
-    let started = Instant::now();
-    let dir = Path::new(&req.dir);
-    if !dir.is_absolute() {
-        return Err(CacheError::BadRequest(format!("dir {:?} must be an absolute path", req.dir)));
-    }
-    let reference = Reference::parse_with_default(&req.reference, Some(&cache.config().registry))
-        .map_err(|e| CacheError::BadRequest(e.to_string()))?;
-    let stats = Arc::new(thaw_client::Stats::new());
-    let registry = thaw_client::Registry::for_reference(&reference, &cache.config().client, stats)?;
-    let report = thaw_client::push_dir(&registry, &reference, dir, &PushOptions::default()).await?;
-    Ok(Json(PublishResponse {
-        reference: report.reference,
-        digest: report.digest,
-        bytes_sent: report.stats.bytes_sent,
-        millis: started.elapsed().as_millis() as u64,
-    })
-    .into_response())
+    Ok(Json(cache.publish(&req.reference, &req.dir).await?).into_response())
 }
 
 async fn scrub(State(cache): State<Arc<Cache>>) -> Result<Response> {

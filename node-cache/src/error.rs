@@ -11,6 +11,10 @@ pub enum CacheError {
     /// The request itself is wrong (a malformed reference, an unknown lease).
     #[error("{0}")]
     BadRequest(String),
+    /// The request names something this cache will not touch for any caller: a directory
+    /// outside `--publish-root`, or publishing while it is not configured.
+    #[error("{0}")]
+    Forbidden(String),
     /// The snapshot or lease does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -54,6 +58,7 @@ impl CacheError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Io { source, .. } if is_out_of_space(source) => StatusCode::INSUFFICIENT_STORAGE,
@@ -70,6 +75,7 @@ impl CacheError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "BAD_REQUEST",
+            Self::Forbidden(_) => "FORBIDDEN",
             Self::NotFound(_) => "NOT_FOUND",
             Self::NoSpace(_) => "NO_SPACE",
             Self::Io { source, .. } if is_out_of_space(source) => "NO_SPACE",

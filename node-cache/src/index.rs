@@ -85,6 +85,10 @@ pub(crate) struct LeaseRecord {
     pub(crate) reference: String,
     /// When it was taken, Unix milliseconds.
     pub(crate) created_ms: u64,
+    /// When it ends unless renewed, Unix milliseconds. Records written before leases had a
+    /// TTL have none (0): they are given one full TTL from the start that loads them.
+    #[serde(default)]
+    pub(crate) expires_ms: u64,
 }
 
 /// What a tag resolved to, and when.
@@ -280,8 +284,26 @@ impl Index {
         Ok(n)
     }
 
-    /// Writes what changes often (last use, leases, tag resolutions) in one transaction:
-    /// records to put and keys to remove.
+    /// Records a lease durably (redb commits with `Durability::Immediate`: fsync'd), before
+    /// `ensure` or `renew` answers. Answers false, writing nothing, when the snapshot's record
+    /// is gone (an eviction won the race): the caller then has no lease to hand out.
+    pub(crate) fn put_lease(&self, id: &str, lease: &LeaseRecord) -> Result<bool> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let snaps = tx.open_table(SNAPSHOTS).map_err(db_err)?;
+            if snaps.get(lease.digest.to_string().as_str()).map_err(db_err)?.is_none() {
+                return Ok(false);
+            }
+            let json = serde_json::to_vec(lease).expect("serializes");
+            tx.open_table(LEASES).map_err(db_err)?.insert(id, json.as_slice()).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(true)
+    }
+
+    /// Writes what changes often (last use, ended leases, tag resolutions) in one
+    /// transaction. Leases themselves are written by [`Index::put_lease`], before they are
+    /// handed out.
     pub(crate) fn write_volatile(&self, batch: &VolatileBatch) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
@@ -295,13 +317,6 @@ impl Index {
                 }
             }
             let mut leases = tx.open_table(LEASES).map_err(db_err)?;
-            for (id, lease) in &batch.leases_put {
-                // A lease of a snapshot that is gone is not written.
-                if snaps.get(lease.digest.to_string().as_str()).map_err(db_err)?.is_some() {
-                    let json = serde_json::to_vec(lease).expect("serializes");
-                    leases.insert(id.as_str(), json.as_slice()).map_err(db_err)?;
-                }
-            }
             for id in &batch.leases_removed {
                 leases.remove(id.as_str()).map_err(db_err)?;
             }
@@ -319,17 +334,13 @@ impl Index {
 #[derive(Debug, Default)]
 pub(crate) struct VolatileBatch {
     pub(crate) snapshots: Vec<SnapshotRecord>,
-    pub(crate) leases_put: Vec<(String, LeaseRecord)>,
     pub(crate) leases_removed: Vec<String>,
     pub(crate) refs: Vec<(String, RefRecord)>,
 }
 
 impl VolatileBatch {
     pub(crate) fn is_empty(&self) -> bool {
-        self.snapshots.is_empty()
-            && self.leases_put.is_empty()
-            && self.leases_removed.is_empty()
-            && self.refs.is_empty()
+        self.snapshots.is_empty() && self.leases_removed.is_empty() && self.refs.is_empty()
     }
 }
 
@@ -372,21 +383,30 @@ mod tests {
         assert_eq!(index.chunk_location_count().unwrap(), 1);
     }
 
+    fn lease_of(digest: Sha256Digest) -> LeaseRecord {
+        LeaseRecord { digest, reference: "r/fn:v1".into(), created_ms: 5, expires_ms: 9 }
+    }
+
     #[test]
     fn volatile_writes_skip_snapshots_that_are_gone() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(&dir.path().join("index.redb")).unwrap();
         let a = Sha256Digest::of(b"a");
-        let lease = LeaseRecord { digest: a, reference: "r/fn:v1".into(), created_ms: 5 };
-        let mut batch = VolatileBatch { snapshots: vec![record(a)], ..Default::default() };
-        batch.leases_put.push(("l1".into(), lease.clone()));
+        let lease = LeaseRecord { digest: a, reference: "r/fn:v1".into(), created_ms: 5, expires_ms: 9 };
+        let batch = VolatileBatch { snapshots: vec![record(a)], ..Default::default() };
         index.write_volatile(&batch).unwrap();
+        assert!(!index.put_lease("l1", &lease).unwrap(), "no lease on a snapshot that is gone");
         let loaded = index.load().unwrap();
         assert!(loaded.snapshots.is_empty() && loaded.leases.is_empty());
 
         index.insert_snapshot(&record(a), &[]).unwrap();
-        index.write_volatile(&batch).unwrap();
+        assert!(index.put_lease("l1", &lease).unwrap());
         assert_eq!(index.load().unwrap().leases, vec![("l1".to_string(), lease)]);
+        index
+            .write_volatile(&VolatileBatch { leases_removed: vec!["l1".into()], ..Default::default() })
+            .unwrap();
+        assert!(index.load().unwrap().leases.is_empty(), "an ended lease is removed");
+        index.put_lease("l1", &LeaseRecord { created_ms: 6, ..lease_of(a) }).unwrap();
         index.remove_snapshot(&a).unwrap();
         assert!(index.load().unwrap().leases.is_empty(), "a snapshot's leases go with it");
     }

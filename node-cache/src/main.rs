@@ -47,6 +47,15 @@ struct Args {
     /// Seconds a tag's resolution is trusted before `ensure` asks the registry again.
     #[arg(long, env = "THAW_TAG_TTL", default_value_t = 60)]
     tag_ttl: u64,
+    /// Seconds a lease lasts unless renewed (`POST /v1/snapshots/renew`); then the cache
+    /// releases it itself, so a crashed orchestrator does not pin capacity forever.
+    #[arg(long, env = "THAW_LEASE_TTL", default_value_t = 600)]
+    lease_ttl: u64,
+    /// The only directory tree `POST /v1/snapshots/publish` may read snapshots from (where
+    /// the orchestrator writes new snapshots). Without it, publishing is off. Must not
+    /// overlap the cache directory.
+    #[arg(long, env = "THAW_PUBLISH_ROOT")]
+    publish_root: Option<PathBuf>,
     /// Do not publish holdings anywhere (see --holdings).
     #[arg(long)]
     no_publish: bool,
@@ -216,6 +225,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tag_ttl: Duration::from_secs(args.tag_ttl),
         peer_endpoint,
         peer: peer_options,
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+        publish_root: args.publish_root.clone(),
     };
     thaw_schema::holdings::validate_node_name(&args.node_name)?;
     let cache = Cache::open(config)?;
@@ -230,6 +241,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     tokio::spawn(cache.clone().run_flusher(Duration::from_millis(500)));
     tokio::spawn(cache.clone().run_spare_maker());
+    // A few checks per TTL, at most one a second.
+    let reap_every = Duration::from_secs(args.lease_ttl.div_ceil(4).clamp(1, 30));
+    tokio::spawn(cache.clone().run_lease_reaper(reap_every));
     if !args.no_publish {
         match args.holdings {
             Holdings::Registry => {

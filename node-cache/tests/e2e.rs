@@ -305,12 +305,13 @@ async fn publish_then_prefetch_on_another_node_then_hit() {
     let registry = RegistryProcess::start().await;
     let host = registry.host();
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = NodeCache::start(&host, dirs.0.path(), 1 << 30, "node-pub").await;
-    let b = NodeCache::start(&host, dirs.1.path(), 1 << 30, "node-pre").await;
     // A snapshot this node just took, published through its cache.
     let data = SnapshotData::new(2048, 256, 55);
     let snapshot = tempfile::tempdir().unwrap();
     data.write(snapshot.path());
+    let root = snapshot.path().to_str().unwrap();
+    let a = NodeCache::start_with(&host, dirs.0.path(), 1 << 30, "node-pub", &["--publish-root", root]).await;
+    let b = NodeCache::start(&host, dirs.1.path(), 1 << 30, "node-pre").await;
     let reference = format!("{host}/fn/published:v1");
     let (status, published) = a
         .post(

@@ -23,8 +23,11 @@ pub struct EnsureResponse {
     pub reference: String,
     /// Its manifest digest.
     pub digest: Sha256Digest,
-    /// The lease this call took; `release` ends it.
+    /// The lease this call took; `release` ends it, `renew` extends it.
     pub lease: String,
+    /// When the lease expires unless renewed, Unix milliseconds: the cache then releases it
+    /// itself, so a crashed orchestrator cannot pin capacity forever.
+    pub lease_expires_ms: u64,
     /// Absolute paths by role (`memory`, `vmstate`, `disk`, `info`); files of no known role
     /// by their file name. `disk` is a private copy for this lease.
     pub files: BTreeMap<String, String>,
@@ -60,13 +63,31 @@ pub struct ReleaseRequest {
     pub reference: Option<String>,
 }
 
+/// Body of `POST /v1/snapshots/renew`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The lease `ensure` returned.
+    pub lease: String,
+}
+
+/// Answer of `POST /v1/snapshots/renew`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewResponse {
+    /// The lease renewed.
+    pub lease: String,
+    /// Its new expiry, Unix milliseconds.
+    pub lease_expires_ms: u64,
+}
+
 /// Body of `POST /v1/snapshots/publish`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
-    /// Where to push it.
+    /// Where to push it: a repository on the cache's own registry (any other host is refused).
     pub reference: String,
-    /// Absolute path of the snapshot directory on this node.
+    /// Absolute path of the snapshot directory on this node, under the cache's
+    /// `--publish-root`.
     pub dir: String,
 }
 

@@ -41,6 +41,7 @@ use crate::peer::{PeerBook, PeerOptions};
 mod evict;
 mod materialize;
 mod peer_io;
+mod publish;
 pub(crate) use peer_io::ChunkPlace;
 
 pub use evict::{DiskReport, ScrubReport};
@@ -64,6 +65,11 @@ pub struct CacheConfig {
     pub peer_endpoint: Option<String>,
     /// P2P: the cluster token, timeouts and upload limits.
     pub peer: PeerOptions,
+    /// How long a lease lasts unless renewed; then the cache releases it itself.
+    pub lease_ttl: Duration,
+    /// The only directory tree `publish` reads snapshots from (canonical); `None` turns
+    /// publishing off.
+    pub publish_root: Option<PathBuf>,
 }
 
 /// One lease: a snapshot in use, and its private disk copy.
@@ -125,7 +131,7 @@ struct Dirs {
 pub struct Cache {
     config: CacheConfig,
     dirs: Dirs,
-    index: Index,
+    index: Arc<Index>,
     registry: Arc<Registry>,
     state: Mutex<State>,
     /// One lock per snapshot digest: held while it is materialized or evicted, so
@@ -172,7 +178,15 @@ impl Drop for ActiveEnsure<'_> {
 impl Cache {
     /// Opens the cache directory, recovering from whatever a crash left: work in progress and
     /// orphaned directories are removed, index entries whose files are missing are dropped.
-    pub fn open(config: CacheConfig) -> Result<Arc<Self>> {
+    pub fn open(mut config: CacheConfig) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.cache_dir)
+            .map_err(|e| CacheError::io("creating", &config.cache_dir, e))?;
+        if let Some(publish_root) = &config.publish_root {
+            config.publish_root = Some(publish::check_publish_root(publish_root, &config.cache_dir)?);
+        }
+        if config.lease_ttl.is_zero() {
+            return Err(CacheError::BadRequest("the lease TTL must be at least a second".into()));
+        }
         let root = &config.cache_dir;
         let dirs = Dirs {
             snapshots: root.join("snapshots"),
@@ -216,7 +230,11 @@ impl Cache {
                 fsutil::remove_all(&entry.path());
             }
         }
-        for (id, record) in loaded.leases {
+        for (id, mut record) in loaded.leases {
+            if record.expires_ms == 0 {
+                // Written before leases had a TTL: one full TTL from now.
+                record.expires_ms = now_ms() + config.lease_ttl.as_millis() as u64;
+            }
             if state.snapshots.contains_key(&record.digest) {
                 let allocated = allocated_bytes(&dirs.leases.join(&id));
                 state.leases.insert(id, Lease { record, allocated });
@@ -233,7 +251,7 @@ impl Cache {
         let registry = Arc::new(Registry::new(&config.registry, &config.client, Arc::new(Stats::new()))?);
         let cache = Arc::new(Self {
             dirs,
-            index,
+            index: Arc::new(index),
             registry,
             state: Mutex::new(state),
             flights: Mutex::default(),
@@ -412,19 +430,36 @@ impl Cache {
         }
         let lease_id = fsutil::nonce();
         let disk = record.files.iter().find(|f| f.role.as_deref() == Some(FileRole::Disk.key())).cloned();
+        let now = now_ms();
+        let lease = LeaseRecord {
+            digest,
+            reference: key.to_owned(),
+            created_ms: now,
+            expires_ms: now + self.config.lease_ttl.as_millis() as u64,
+        };
+        // Durable before it is handed out: a crash after the answer must not lose it.
+        if !self.persist_lease(&lease_id, &lease).await? {
+            return Ok(None);
+        }
         let spare = {
             let mut st = self.state.lock().expect("state lock");
-            let Some(rec) = st.snapshots.get_mut(&digest) else { return Ok(None) };
-            rec.last_used_ms = now_ms();
+            let Some(rec) = st.snapshots.get_mut(&digest) else {
+                // Evicted meanwhile: the record written above is removed with the next flush.
+                st.dirty_leases.insert(lease_id);
+                drop(st);
+                self.dirty.notify_one();
+                return Ok(None);
+            };
+            rec.last_used_ms = now;
             if !rec.references.iter().any(|r| r == key) {
                 rec.references.push(key.to_owned());
             }
-            let lease = LeaseRecord { digest, reference: key.to_owned(), created_ms: now_ms() };
+            let expires_ms = lease.expires_ms;
             st.leases.insert(lease_id.clone(), Lease { record: lease, allocated: 0 });
             st.dirty_snapshots.insert(digest);
-            st.dirty_leases.insert(lease_id.clone());
-            st.spares.remove(&digest)
+            (st.spares.remove(&digest), expires_ms)
         };
+        let (spare, lease_expires_ms) = spare;
         self.dirty.notify_one();
         let mut files = BTreeMap::new();
         for f in &record.files {
@@ -466,6 +501,7 @@ impl Cache {
             reference: key.to_owned(),
             digest,
             lease: lease_id,
+            lease_expires_ms,
             files,
             bytes: BytesBySource::default(),
             millis: started.elapsed().as_millis() as u64,
@@ -562,6 +598,71 @@ impl Cache {
         Ok(id)
     }
 
+    /// Extends a lease by the lease TTL from now, durably; answers the new expiry.
+    pub async fn renew(&self, id: &str) -> Result<u64> {
+        let gone = || CacheError::NotFound(format!("no lease {id:?} (released, or expired unrenewed)"));
+        let mut record = {
+            let st = self.state.lock().expect("state lock");
+            st.leases.get(id).ok_or_else(gone)?.record.clone()
+        };
+        record.expires_ms = now_ms() + self.config.lease_ttl.as_millis() as u64;
+        if !self.persist_lease(id, &record).await? {
+            return Err(gone());
+        }
+        let mut st = self.state.lock().expect("state lock");
+        match st.leases.get_mut(id) {
+            Some(l) => {
+                l.record.expires_ms = l.record.expires_ms.max(record.expires_ms);
+                Ok(l.record.expires_ms)
+            }
+            None => {
+                // Released while the record was written: remove it again.
+                st.dirty_leases.insert(id.to_owned());
+                drop(st);
+                self.dirty.notify_one();
+                Err(gone())
+            }
+        }
+    }
+
+    /// Writes a lease record to the index (fsync'd), off the async threads.
+    async fn persist_lease(&self, id: &str, lease: &LeaseRecord) -> Result<bool> {
+        let (index, id, lease) = (self.index.clone(), id.to_owned(), lease.clone());
+        tokio::task::spawn_blocking(move || index.put_lease(&id, &lease))
+            .await
+            .map_err(|e| CacheError::Index(format!("lease write task: {e}")))?
+    }
+
+    /// Ends the leases whose time is up; answers how many.
+    pub fn release_expired(&self) -> usize {
+        let now = now_ms();
+        let expired: Vec<(String, String)> = {
+            let st = self.state.lock().expect("state lock");
+            st.leases
+                .iter()
+                .filter(|(_, l)| l.record.expires_ms <= now)
+                .map(|(id, l)| (id.clone(), l.record.reference.clone()))
+                .collect()
+        };
+        for (id, reference) in &expired {
+            tracing::info!(lease = %id, %reference, "lease expired unrenewed; releasing it");
+            self.end_lease(id);
+        }
+        if !expired.is_empty() {
+            self.holdings_changed.notify_one();
+        }
+        expired.len()
+    }
+
+    /// Releases expired leases every `interval`. Runs forever.
+    pub async fn run_lease_reaper(self: Arc<Self>, interval: Duration) {
+        loop {
+            let cache = self.clone();
+            let _ = tokio::task::spawn_blocking(move || cache.release_expired()).await;
+            tokio::time::sleep(interval).await;
+        }
+    }
+
     fn end_lease(&self, id: &str) {
         {
             let mut st = self.state.lock().expect("state lock");
@@ -630,7 +731,7 @@ impl Cache {
         }
     }
 
-    /// Writes last-use times, leases and tag resolutions changed since the last call.
+    /// Writes last-use times, ended leases and tag resolutions changed since the last call.
     pub fn flush(&self) -> Result<()> {
         let batch = {
             let mut st = self.state.lock().expect("state lock");
@@ -641,9 +742,9 @@ impl Cache {
                 }
             }
             for id in std::mem::take(&mut st.dirty_leases) {
-                match st.leases.get(&id) {
-                    Some(l) => batch.leases_put.push((id, l.record.clone())),
-                    None => batch.leases_removed.push(id),
+                // Live leases were written when taken or renewed; only ended ones remain.
+                if !st.leases.contains_key(&id) {
+                    batch.leases_removed.push(id);
                 }
             }
             for key in std::mem::take(&mut st.dirty_refs) {

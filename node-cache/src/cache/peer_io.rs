@@ -113,6 +113,8 @@ mod tests {
             tag_ttl: Duration::from_secs(1),
             peer_endpoint: None,
             peer: PeerOptions { max_uploads_per_peer: 2, max_uploads: 3, ..PeerOptions::default() },
+            lease_ttl: Duration::from_secs(600),
+            publish_root: None,
         };
         let cache = Cache::open(config).unwrap();
         let (one, two, three): (IpAddr, IpAddr, IpAddr) =

@@ -165,6 +165,8 @@ pub struct NodeCache {
     node: String,
     /// More command-line arguments (P2P flags).
     extra: Vec<String>,
+    /// More environment variables.
+    env: Vec<(String, String)>,
     /// Where the peer service listens, when `extra` asks for one (`--peer-listen auto`).
     pub peer_addr: Option<String>,
     /// How the process is started (loopback unless [`NodeCache::start_in`] says otherwise).
@@ -183,6 +185,21 @@ impl NodeCache {
         Self::start_in(&Launch::default(), registry, dir, capacity, node, extra).await
     }
 
+    /// Starts a node cache with more environment variables (set through the environment
+    /// so that a binary without the matching options still starts).
+    pub async fn start_env(
+        registry: &str,
+        dir: &Path,
+        capacity: u64,
+        node: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut n = Self::unstarted(&Launch::default(), registry, dir, capacity, node, &[]);
+        n.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        n.spawn().await;
+        n
+    }
+
     /// [`NodeCache::start_with`], started as `launch` says: both listeners (and
     /// `--peer-listen auto`) bind `launch.ip`.
     pub async fn start_in(
@@ -193,7 +210,21 @@ impl NodeCache {
         node: &str,
         extra: &[&str],
     ) -> Self {
-        let mut n = Self {
+        let mut n = Self::unstarted(launch, registry, dir, capacity, node, extra);
+        n.spawn().await;
+        n
+    }
+
+    fn unstarted(
+        launch: &Launch,
+        registry: &str,
+        dir: &Path,
+        capacity: u64,
+        node: &str,
+        extra: &[&str],
+    ) -> Self {
+        Self {
+            env: Vec::new(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             peer_addr: None,
             child: None,
@@ -204,9 +235,7 @@ impl NodeCache {
             node: node.to_owned(),
             launch: launch.clone(),
             http: reqwest::Client::new(),
-        };
-        n.spawn().await;
-        n
+        }
     }
 
     /// Starts the process, on new ports up to three times: a port found free here may be
@@ -250,6 +279,7 @@ impl NodeCache {
                 &self.node,
             ])
             .args(&extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("THAW_LOG", std::env::var("THAW_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()

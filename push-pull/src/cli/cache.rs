@@ -24,12 +24,19 @@ pub(super) enum CacheCommand {
         #[arg(long, value_name = "REF")]
         reference: Option<String>,
     },
+    /// Extend a lease by the cache's lease TTL (`--lease-ttl`, default 10 minutes) from now;
+    /// a lease not renewed in time is released by the cache itself.
+    Renew {
+        /// The lease id `ensure` printed.
+        lease: String,
+    },
     /// Fetch a snapshot in the background, without a lease.
     Prefetch {
         /// Reference.
         reference: String,
     },
-    /// Push a snapshot this node just created.
+    /// Push a snapshot this node just created, to the cache's own registry; the directory
+    /// must be under the cache's `--publish-root`.
     Publish {
         /// Where to push it.
         reference: String,
@@ -61,6 +68,7 @@ pub(super) async fn run(base: &str, command: CacheCommand, json_out: bool) -> Re
             }
             ("POST", "/v1/snapshots/release", body)
         }
+        CacheCommand::Renew { lease } => ("POST", "/v1/snapshots/renew", json!({ "lease": lease })),
         CacheCommand::Prefetch { reference } => {
             ("POST", "/v1/snapshots/prefetch", json!({ "reference": reference }))
         }
@@ -102,6 +110,7 @@ pub(super) async fn run(base: &str, command: CacheCommand, json_out: bool) -> Re
                 human_bytes(b["registry"].as_u64().unwrap_or(0)),
             );
             println!("lease\t{}", answer["lease"].as_str().unwrap_or("?"));
+            println!("lease_expires_ms\t{}", answer["lease_expires_ms"]);
             if let Some(files) = answer["files"].as_object() {
                 for (role, path) in files {
                     println!("{role}\t{}", path.as_str().unwrap_or("?"));
