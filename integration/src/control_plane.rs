@@ -715,5 +715,6 @@ fn http_get(host: &str, port: u16, path: &str) -> Option<String> {
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    // Go answers an HTTP/1.0 request with an HTTP/1.0 status line.
+    (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
 }
