@@ -10,6 +10,8 @@
 #      scheduler ConfigMap carries exactly deploy/scheduler/scheduler-config.yaml.
 # With a reachable cluster (or THAW_CHECK_CLUSTER=1), it also runs
 #   kubectl apply --dry-run=client -f deploy/   and   --dry-run=server.
+# scripts/test.sh runs it against a throwaway control plane (THAW_CHECK_CLUSTER=ephemeral):
+#   target/debug/control-plane -- bash deploy/check.sh
 # The CRD's drift from the Rust type is checked by `cargo test -p thaw-schema --lib crd`.
 set -eu
 cd "$(dirname "$0")"
@@ -56,10 +58,32 @@ need(e["prioritizeVerb"] == "prioritize" and e["nodeCacheCapable"] is True and e
 print("ok:", len(docs), "objects")
 PY
 
-if [ "${THAW_CHECK_CLUSTER:-}" = 1 ] || kubectl version --request-timeout=3s >/dev/null 2>&1; then
-    echo "== against the cluster"
+case "${THAW_CHECK_CLUSTER:-}" in
+ephemeral)
+    # A throwaway API server (integration's control-plane runner, as scripts/test.sh runs
+    # this): the namespace and the CRD are created for real, so the server can check every
+    # namespaced object and everything that names the CRD's kind; then every manifest is
+    # dry-run on the server (admission, schema validation, RBAC escalation checks included).
+    echo "== against a throwaway API server ($(kubectl version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])'))"
+    kubectl apply -f 00-namespace.yaml -f crd.yaml
+    kubectl wait --for=condition=Established crd/nodesnapshotcaches.thaw.dev --timeout=60s
     kubectl apply --dry-run=client -f .
-    kubectl apply --dry-run=server -f 00-namespace.yaml -f crd.yaml
-else
-    echo "== no cluster reachable: skipped kubectl apply --dry-run=client (needs discovery)"
-fi
+    kubectl apply --dry-run=server -f .
+    ;;
+*)
+    if [ "${THAW_CHECK_CLUSTER:-}" = 1 ] || kubectl version --request-timeout=3s >/dev/null 2>&1; then
+        echo "== against the cluster"
+        kubectl apply --dry-run=client -f .
+        if kubectl get namespace thaw-system >/dev/null 2>&1 &&
+            kubectl get crd nodesnapshotcaches.thaw.dev >/dev/null 2>&1; then
+            kubectl apply --dry-run=server -f .
+        else
+            # Namespaced objects cannot be dry-run before their namespace exists.
+            echo "== thaw-system or the CRD not installed yet: server dry run of those two only"
+            kubectl apply --dry-run=server -f 00-namespace.yaml -f crd.yaml
+        fi
+    else
+        echo "== no cluster reachable: skipped kubectl apply --dry-run=client (needs discovery)"
+    fi
+    ;;
+esac

@@ -118,4 +118,63 @@ elif [[ ${THAW_S3_SERVER:-minio} != minio ]]; then
   die "THAW_S3_SERVER=$THAW_S3_SERVER: use minio (the default) or garage"
 fi
 
+# --- Kubernetes control plane: etcd, kube-apiserver, kube-scheduler, kubectl (Go) ---------
+# The cluster tests (integration/tests/cluster*.rs, extender/tests/e2e.rs) and deploy/check.sh
+# start a real control plane on loopback (integration/src/control_plane.rs). Built here from
+# the Go module proxy, never downloaded as binaries, through the wrapper modules committed at
+# integration/k8s/ (k8s.io/kubernetes, staging modules replaced by their published v0.X.Y;
+# regenerate with integration/k8s/generate.sh) and integration/etcd/ (etcdmain). Each is
+# built once per machine into ~/.cache/thaw-tools/<name>-<version>/ and skipped when there;
+# the Go module and build caches live in ~/.cache/thaw-tools/go/, so a rebuild is cheap.
+# Cold, on 2 shared cores: etcd about 2 minutes, the three Kubernetes commands about 20.
+# Needs Go (>= 1.26, for etcd 3.6.16) on PATH or in /usr/local/go/bin; no root.
+readonly K8S_VERSION=v1.34.4
+readonly ETCD_VERSION=v3.6.16
+K8S_TOOLS_DIR=${THAW_TOOLS_DIR:-$HOME/.cache/thaw-tools}
+K8S_REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+k8s_go() {
+  local go
+  go=$(command -v go || true)
+  [[ -n $go ]] || go=/usr/local/go/bin/go
+  [[ -x $go ]] || die "Go is missing: the control-plane tests build etcd and Kubernetes from the Go module proxy"
+  GOMODCACHE=$K8S_TOOLS_DIR/go/mod GOCACHE=$K8S_TOOLS_DIR/go/build GOPATH=$K8S_TOOLS_DIR/go/path \
+    GOFLAGS=-modcacherw GOTOOLCHAIN=local CGO_ENABLED=0 "$go" "$@"
+}
+
+# k8s_build NAME-VERSION MODULE_DIR LDFLAGS PACKAGE...: builds into a temporary directory and
+# renames it into place, so an interrupted build never leaves a directory that looks done.
+k8s_build() {
+  local dest=$K8S_TOOLS_DIR/$1 module=$2 ldflags=$3 started=$SECONDS
+  shift 3
+  rm -rf "$dest.partial"
+  mkdir -p "$dest.partial"
+  log "building $* ($(basename "$dest")) from the Go module proxy; cold, this takes minutes"
+  (cd "$module" && k8s_go build -mod=readonly -trimpath -ldflags "-s -w $ldflags" -o "$dest.partial/" "$@") </dev/null
+  rm -rf "$dest"
+  mv "$dest.partial" "$dest"
+  log "built $(basename "$dest") in $((SECONDS - started))s"
+}
+
+if [[ -x $K8S_TOOLS_DIR/etcd-$ETCD_VERSION/etcd ]]; then
+  log "etcd present: $K8S_TOOLS_DIR/etcd-$ETCD_VERSION/etcd"
+else
+  k8s_build "etcd-$ETCD_VERSION" "$K8S_REPO_DIR/integration/etcd" "" .
+fi
+k8s_bins=(kube-apiserver kube-scheduler kubectl)
+k8s_complete=1
+for b in "${k8s_bins[@]}"; do [[ -x $K8S_TOOLS_DIR/kubernetes-$K8S_VERSION/$b ]] || k8s_complete=0; done
+if ((k8s_complete)); then
+  log "Kubernetes present: ${k8s_bins[*]} in $K8S_TOOLS_DIR/kubernetes-$K8S_VERSION"
+else
+  grep -q "^require k8s.io/kubernetes $K8S_VERSION\$" "$K8S_REPO_DIR/integration/k8s/go.mod" ||
+    die "integration/k8s/go.mod is not at $K8S_VERSION: run integration/k8s/generate.sh $K8S_VERSION"
+  # The version the binaries report (kubectl version, /version), as a release build sets it.
+  minor=${K8S_VERSION#v1.}
+  minor=${minor%%.*}
+  k8s_build "kubernetes-$K8S_VERSION" "$K8S_REPO_DIR/integration/k8s" \
+    "-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
+    "${k8s_bins[@]/#/k8s.io/kubernetes/cmd/}"
+fi
+
 log "all interop and S3 test dependencies present"

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # THE test command for thaw: what CI runs (.ci/run) and what a developer runs before pushing.
 #
-#   1. install-test-deps  real OCI clients and peers the interop tests drive, and MinIO (idempotent)
+#   1. install-test-deps  real OCI clients and peers the interop tests drive, and MinIO, etcd,
+#                         kube-apiserver, kube-scheduler and kubectl built with Go (idempotent)
 #   2. fmt                cargo fmt --all --check
 #   3. clippy             every target, warnings are errors
 #   4. schema-purity      thaw-schema's normal dependencies include no runtime/HTTP/storage/kube crate
-#   5. test               cargo test --workspace --locked: unit, integration and interop tests, and the
-#                         S3 tests (storage conformance on memory/filesystem/MinIO, round trips,
-#                         replicas, faults), each test binary with its own MinIO on loopback, and
-#                         a distributed 4-process MinIO losing a node under two registry replicas
+#   5. test               cargo test --workspace --locked: unit, integration and interop tests, the
+#                         cluster tests (integration/tests/cluster.rs, extender/tests/e2e.rs: a real
+#                         etcd + kube-apiserver + kube-scheduler on loopback), and the S3 tests
+#                         (storage conformance on memory/filesystem/MinIO, round trips, replicas,
+#                         faults), each test binary with its own MinIO on loopback, and a
+#                         distributed 4-process MinIO losing a node under two registry replicas
 #   6. test-s3            the registry's black-box suites again with every registry on MinIO
 #                         (THAW_TEST_STORAGE=s3): conformance, bad input, dedup
 #   7. bench-smoke        the benchmark runner at --quick scale on the quick corpus (real QEMU
@@ -16,8 +19,10 @@
 #                         docker-registry and whole-file S3 in one run, every restore checked
 #                         byte for byte, then the load test at --quick scale (16 clients, zero
 #                         errors and zero corrupt pulls required); nothing timed is asserted
-#   8. deploy-check       deploy/check.sh: kubectl parses every manifest offline (no cluster
-#                         here), structural checks of what thaw relies on
+#   8. deploy-check       deploy/check.sh against a throwaway control plane (etcd, kube-apiserver,
+#                         kube-scheduler built by install-test-deps from the Go module proxy):
+#                         kubectl parses every manifest, structural checks of what thaw relies
+#                         on, then `kubectl apply --dry-run=server` of every manifest
 #   9. fuzz-smoke         scripts/fuzz.sh 10: every cargo-fuzz target (fuzz/) replays its saved
 #                         crashes, then fuzzes 10 s from its seeds; any crash fails the run
 #
@@ -139,8 +144,9 @@ done
 "$bin_dir/loadtest" --quick --registry-bin "$bin_dir/thaw-registry" </dev/null
 end
 
-begin deploy-check "deploy/check.sh: every manifest parsed by kubectl offline, structure checked"
-bash deploy/check.sh </dev/null
+begin deploy-check "deploy/check.sh against a throwaway API server: parse, structure, server-side dry run"
+# The control-plane runner is built by the test stage (integration's binaries), like bench.
+"${CARGO_TARGET_DIR:-target}/debug/control-plane" -- bash deploy/check.sh </dev/null
 end
 
 begin fuzz-smoke "scripts/fuzz.sh 10: every fuzz target for 10 s (cargo-fuzz installed if missing)"

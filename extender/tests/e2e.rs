@@ -11,6 +11,10 @@
 
 mod support;
 
+#[path = "../../integration/src/control_plane.rs"]
+#[allow(dead_code)]
+mod control_plane;
+
 use std::time::{Duration, Instant};
 
 use support::{
@@ -112,14 +116,81 @@ async fn holdings_kube_without_cluster_configuration_fails_clearly() {
     assert!(err.contains("--holdings kube: no Kubernetes client configuration"), "{err}");
 }
 
-/// Needs a cluster with deploy/crd.yaml applied and a kubeconfig: the extender starts in
-/// kube mode and serves.
-#[tokio::test]
-#[ignore = "needs cluster"]
-async fn holdings_kube_against_a_cluster_serves() {
-    let ext =
-        support::ExtenderProcess::start(&["--registry", "http://127.0.0.1:1", "--holdings", "kube"]).await;
+/// Against a real control plane (integration/src/control_plane.rs): deploy/'s CRD and the
+/// extender's RBAC applied, the extender started in kube mode with its own service account's
+/// token, exactly the permissions deploy/extender.yaml grants. It serves, and its reflector
+/// learns a `NodeSnapshotCache` written to the API server.
+#[test]
+fn holdings_kube_against_a_cluster_serves() {
+    let plane = control_plane::ControlPlane::start("http://127.0.0.1:1");
+    let deploy = control_plane::repo_root().join("deploy");
+    for file in ["00-namespace.yaml", "crd.yaml", "extender.yaml"] {
+        plane.must(&["apply", "-f", &deploy.join(file).display().to_string()]);
+    }
+    plane.must(&["wait", "--for=condition=Established", "crd/nodesnapshotcaches.thaw.dev", "--timeout=60s"]);
+    let token = plane.must(&["create", "token", "thaw-extender", "-n", "thaw-system", "--duration=1h"]);
+    let kubeconfig = plane.kubeconfig_for_token("thaw-extender", token.trim());
+
+    let addr = format!("127.0.0.1:{}", control_plane::free_port());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_thaw-extender"));
+    cmd.args(["--listen", &addr, "--registry", "http://127.0.0.1:1", "--holdings", "kube"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("THAW_LOG", "info");
+    let ext = control_plane::Guarded::spawn("thaw-extender", &cmd, &plane.dir().join("thaw-extender.log"));
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let http = reqwest::Client::new();
-    let r = http.get(format!("http://{}/healthz", ext.addr)).send().await.unwrap();
-    assert!(r.status().is_success());
+    let nodes_gauge = |n: u32| {
+        let needle = format!("thaw_extender_cache_entries{{cache=\"nodes\"}} {n}\n");
+        let url = format!("http://{addr}/metrics");
+        let http = http.clone();
+        async move {
+            let Ok(r) = http.get(url).send().await else { return false };
+            r.status().is_success() && r.text().await.is_ok_and(|m| m.contains(&needle))
+        }
+    };
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http.get(format!("http://{addr}/healthz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "thaw-extender did not serve:\n{}", ext.log_tail(30));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(nodes_gauge(0).await, "no holdings yet");
+    });
+
+    // A node's holdings, written as a node cache writes them; the reflector picks them up.
+    plane.apply(
+        &serde_json::json!({"apiVersion": "thaw.dev/v1alpha1", "kind": "NodeSnapshotCache",
+                            "metadata": {"name": "worker-1"}, "spec": {"nodeName": "worker-1"}})
+        .to_string(),
+    );
+    let status = serde_json::json!({"status": {"capacityBytes": 1u64 << 30, "usedBytes": 4096, "snapshots": [{
+        "reference": "127.0.0.1:1/fn/hello:hello-00001",
+        "digest": format!("sha256:{}", "ab".repeat(32)),
+        "sizeBytes": 4096, "cachedBytes": 4096}]}});
+    plane.must(&[
+        "patch",
+        "nodesnapshotcache",
+        "worker-1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ]);
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !nodes_gauge(1).await {
+            assert!(
+                Instant::now() < deadline,
+                "the extender never saw worker-1's holdings:\n{}",
+                ext.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
 }
