@@ -12,7 +12,7 @@
 mod support;
 
 #[path = "../../integration/src/control_plane.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 mod control_plane;
 
 use std::time::{Duration, Instant};

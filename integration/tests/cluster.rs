@@ -11,7 +11,6 @@
 //! extender's herd damping of one test does not reach another.
 
 #[path = "../../push-pull/tests/common/mod.rs"]
-#[allow(dead_code, unreachable_pub)]
 mod common;
 
 use std::collections::BTreeMap;

@@ -196,7 +196,11 @@ async fn identify(auth: &Arc<Auth>, headers: &HeaderMap) -> Caller {
 }
 
 /// Checks Basic credentials; bcrypt runs on the bounded credential threads.
-async fn check_basic(auth: &Arc<Auth>, user: String, password: String) -> Result<Option<String>, super::CheckError> {
+async fn check_basic(
+    auth: &Arc<Auth>,
+    user: String,
+    password: String,
+) -> Result<Option<String>, super::CheckError> {
     Ok(auth.check_password_bounded(user.clone(), password).await?.then_some(user))
 }
 
