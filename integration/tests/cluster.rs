@@ -261,12 +261,13 @@ impl Cluster {
     }
 
     /// The extender's `thaw_extender_cache_entries{cache="..."}` gauge.
-    fn extender_gauge(&self, cache: &str) -> u64 {
+    /// One sample of the extender's `/metrics`, by its full name with labels.
+    fn extender_metric(&self, name: &str) -> u64 {
         let url = format!("http://{}/metrics", self.extender_addr);
         let text = self.rt.block_on(async move {
             reqwest::get(&url).await.expect("metrics").text().await.expect("metrics text")
         });
-        let key = format!("thaw_extender_cache_entries{{cache=\"{cache}\"}} ");
+        let key = format!("{name} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&key))
             .and_then(|v| v.trim().parse().ok())
@@ -415,28 +416,39 @@ fn wait_published(plane: &ControlPlane, node: &str, held: &[&str], gone: &[&str]
 
 /// Lets the extender's watch catch up with published holdings and its profile cache learn
 /// `snapshots` (asked with a pod of each and no node holding anything: no herd pick).
+/// Waits until the extender has resolved and profiled each of `snapshots`: asks
+/// `/prioritize` about a node that does not exist (so no herd pick is recorded) until an
+/// answer is no longer neutral for "pending". Counting profiles instead would race with the
+/// extender's own warming of what the nodes hold.
 fn warm_extender(c: &Cluster, snapshots: &[&str]) {
-    let before = c.extender_gauge("profiles");
     let url = format!("http://{}/prioritize", c.extender_addr);
     for (i, s) in snapshots.iter().enumerate() {
         let pod = knative_pod(&format!("warm-{i}"), "warm", "warm-00001", s);
         let args = json!({"Pod": pod, "NodeNames": ["no-such-node"]});
-        let url = url.clone();
-        c.rt.block_on(async move {
-            reqwest::Client::new()
-                .post(&url)
-                .json(&args)
-                .send()
-                .await
-                .expect("prioritize")
-                .error_for_status()
-                .unwrap();
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.extender_gauge("profiles") < before + snapshots.len() as u64 {
-        assert!(Instant::now() < deadline, "the extender never profiled {snapshots:?}");
-        std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let pending_before = c.extender_metric("thaw_extender_neutral_total{reason=\"pending\"}");
+            let failed_before = c.extender_metric("thaw_extender_neutral_total{reason=\"failed\"}");
+            let (url, args) = (url.clone(), args.clone());
+            c.rt.block_on(async move {
+                reqwest::Client::new()
+                    .post(&url)
+                    .json(&args)
+                    .send()
+                    .await
+                    .expect("prioritize")
+                    .error_for_status()
+                    .unwrap();
+            });
+            let pending =
+                c.extender_metric("thaw_extender_neutral_total{reason=\"pending\"}") > pending_before;
+            let failed = c.extender_metric("thaw_extender_neutral_total{reason=\"failed\"}") > failed_before;
+            if !pending && !failed {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the extender never resolved and profiled {s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     // The holdings reach the extender by its watch; give it a moment after they were written.
     std::thread::sleep(Duration::from_millis(500));
@@ -560,7 +572,7 @@ fn a_burst_of_one_revision_spreads_over_the_nodes_holding_it() {
         let d2 = c.ensure("node-3", &r2);
         wait_published(plane, "node-3", &[&d2], &[]);
         wait_published(plane, "node-4", &[&d1], &[]);
-        warm_extender(c, &[&r2]);
+        warm_extender(c, &[&r1, &r2]);
 
         let pods: Vec<Value> =
             (0..8).map(|i| knative_pod(&format!("beta-00002-{i}"), "beta", "beta-00002", &r2)).collect();

@@ -278,8 +278,9 @@ async fn pushes_and_pulls_survive_a_minio_node_dying_and_healing() {
             break;
         }
         assert!(
-            heal_started.elapsed() < Duration::from_secs(30),
-            "{} of {} objects still missing on node {VICTIM}'s drives after 30 s, e.g. {:?}",
+            // Generous: healing is MinIO's work, paced by its scanner on a shared machine.
+            heal_started.elapsed() < Duration::from_secs(120),
+            "{} of {} objects still missing on node {VICTIM}'s drives after 120 s, e.g. {:?}",
             left.len(),
             keys.len(),
             &left[..left.len().min(3)]
