@@ -211,6 +211,9 @@ impl Store {
             }
         }
         fence.open.retain(|epoch, _| listed.get(epoch) == Some(&false));
+        if fence.open.is_empty() {
+            self.index.write().expect("index lock").drop_doomed();
+        }
         Ok(fence)
     }
 

@@ -62,11 +62,17 @@ pub(crate) struct ChunkIndex {
     packs: Vec<PackId>,
     /// Packs whose index was read (or found unreadable): never read again.
     seen: HashSet<PackId>,
+    /// Chunks of packs an open GC sweep will delete: gone for commits and `missing`
+    /// ([`ChunkIndex::contains`]), still readable until the pack is deleted
+    /// ([`ChunkIndex::get`]), so a pull of a live blob does not fail while GC copies its
+    /// chunks out of a doomed pack.
+    doomed: HashMap<ChunkId, Location, BuildHasherDefault<IdHasher>>,
 }
 
 impl ChunkIndex {
+    /// Where to read `id`: its live location, else its place in a pack a sweep will delete.
     pub(crate) fn get(&self, id: &ChunkId) -> Option<Location> {
-        self.chunks.get(id).copied()
+        self.chunks.get(id).or_else(|| self.doomed.get(id)).copied()
     }
 
     pub(crate) fn contains(&self, id: &ChunkId) -> bool {
@@ -125,9 +131,22 @@ impl ChunkIndex {
             .map(|(n, _)| n as u32)
             .collect();
         if !numbers.is_empty() {
-            self.chunks.retain(|_, loc| !numbers.contains(&loc.pack));
+            let doomed = &mut self.doomed;
+            self.chunks.retain(|id, loc| {
+                let keep = !numbers.contains(&loc.pack);
+                if !keep {
+                    doomed.insert(*id, *loc);
+                }
+                keep
+            });
         }
         self.seen.extend(packs.iter().cloned());
+    }
+
+    /// Drops the read-only locations [`ChunkIndex::forget_packs`] kept, once no sweep is
+    /// open (their packs are deleted).
+    pub(crate) fn drop_doomed(&mut self) {
+        self.doomed = HashMap::default();
     }
 
     /// Points the chunks of `entries` at `pack` (GC's rewritten copy of an older pack),

@@ -236,15 +236,33 @@ impl Store {
     pub async fn link_blob(&self, repo: &str, digest: &Sha256Digest, size: u64) -> Result<()> {
         let link = keys::blob_link(repo, digest);
         self.put(&link, size.to_string()).await?;
-        let fence = self.sync_sweeps().await?;
-        let gone =
-            fence.doomed_recipe(digest) || (fence.swept_any() && !self.exists(&keys::recipe(digest)).await?);
-        drop(fence);
-        if gone {
-            let _ = self.objects.delete(&link).await;
-            return Err(gc::collected("this blob was garbage-collected; upload it again"));
+        let collected = async {
+            let fence = self.sync_sweeps().await?;
+            Ok(fence.doomed_recipe(digest)
+                || (fence.swept_any() && !self.exists(&keys::recipe(digest)).await?))
+        };
+        self.keep_link_unless(&link, collected.await, "this blob was garbage-collected; upload it again")
+            .await
+    }
+
+    /// After a commit wrote `link`: keeps it when the sweep check found nothing collected;
+    /// otherwise, or when the check itself failed, takes the link back (a commit answered
+    /// with an error must leave nothing visible) and answers the error.
+    async fn keep_link_unless(&self, link: &Path, collected: Result<bool>, why: &str) -> Result<()> {
+        let error = match collected {
+            Ok(false) => return Ok(()),
+            Ok(true) => gc::collected(why),
+            Err(e) => e,
+        };
+        // A few tries: the store that just failed the check may fail this delete too.
+        for _ in 0..3 {
+            match self.objects.delete(link).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => return Err(error),
+                Err(e) => tracing::warn!(%link, error = %e, "taking back a failed commit's link"),
+            }
         }
-        Ok(())
+        tracing::error!(%link, "a failed commit's link could not be taken back");
+        Err(error)
     }
 
     /// The size of a blob readable in `repo`, or `None`.
@@ -287,15 +305,13 @@ impl Store {
     pub async fn link_manifest(&self, repo: &str, digest: &Sha256Digest, media_type: &str) -> Result<()> {
         let link = keys::manifest_link(repo, digest);
         self.put(&link, media_type.to_owned()).await?;
-        let fence = self.sync_sweeps().await?;
-        let gone = fence.doomed_manifest(digest)
-            || (fence.swept_any() && !self.exists(&keys::manifest(digest)).await?);
-        drop(fence);
-        if gone {
-            let _ = self.objects.delete(&link).await;
-            return Err(gc::collected("this manifest was garbage-collected; push it again"));
-        }
-        Ok(())
+        let collected = async {
+            let fence = self.sync_sweeps().await?;
+            Ok(fence.doomed_manifest(digest)
+                || (fence.swept_any() && !self.exists(&keys::manifest(digest)).await?))
+        };
+        self.keep_link_unless(&link, collected.await, "this manifest was garbage-collected; push it again")
+            .await
     }
 
     /// The media type of a manifest readable in `repo`, or `None`.
