@@ -169,7 +169,7 @@ fn holdings_kube_against_a_cluster_serves() {
                             "metadata": {"name": "worker-1"}, "spec": {"nodeName": "worker-1"}})
         .to_string(),
     );
-    let status = serde_json::json!({"status": {"capacityBytes": 1u64 << 30, "usedBytes": 4096, "snapshots": [{
+    let status = serde_json::json!({"status": {"capacityBytes": 1u64 << 30, "usedBytes": 4096, "snapshotCount": 1, "snapshots": [{
         "reference": "127.0.0.1:1/fn/hello:hello-00001",
         "digest": format!("sha256:{}", "ab".repeat(32)),
         "sizeBytes": 4096, "cachedBytes": 4096}]}});

@@ -24,7 +24,10 @@ async fn sigkill_during_ensures_and_evictions_leaves_a_consistent_cache() {
     let dir = tempfile::tempdir().unwrap();
     // Room for about two of these snapshots: most ensures evict something.
     let capacity = 14 << 20;
-    let mut node = NodeCache::start(&host, dir.path(), capacity, "node-crash").await;
+    // Leases survive a crash (they are stored before `ensure` answers); those the killed
+    // bursts never released end by their TTL, as a crashed orchestrator's would.
+    let mut node =
+        NodeCache::start_env(&host, dir.path(), capacity, "node-crash", &[("THAW_LEASE_TTL", "1")]).await;
     let mut by_digest: HashMap<String, usize> = HashMap::new();
     let mut rng = Rng::new(42);
     let mut killed_mid_ensure = 0;
@@ -54,6 +57,20 @@ async fn sigkill_during_ensures_and_evictions_leaves_a_consistent_cache() {
         node.kill();
         let _ = burst.await;
         node.restart().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let listed = node.get("/v1/snapshots").await;
+            let held: u64 =
+                listed["snapshots"].as_array().unwrap().iter().map(|s| s["leases"].as_u64().unwrap()).sum();
+            if held == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "iteration {iteration}: leases never expired: {listed}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
 
         // Consistent: disk matches the index, every listed snapshot verifies.
         let disk = node.get("/v1/disk").await;

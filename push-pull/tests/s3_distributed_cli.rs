@@ -242,30 +242,13 @@ async fn pushes_and_pulls_survive_a_minio_node_dying_and_healing() {
     assert!(written_without_victim >= 1, "some pushes ran while node {VICTIM} was down");
     assert!(log.pulls >= 2, "pulls ran during the run: {}", log.pulls);
 
-    // Nothing acknowledged was lost: every revision, through both replicas, byte-identical,
-    // with node 2 back (and through a cold replica that only knows the bucket).
-    let cold =
-        thaw_registry::spawn(RegistryConfig::new("127.0.0.1:0".parse().unwrap(), &storage)).await.unwrap();
-    let cold_host = cold.addr().to_string();
-    tokio::task::block_in_place(|| {
-        for (n, digest, _) in &log.acked {
-            for host in hosts.iter().chain([&cold_host]) {
-                let out = work.path().join(format!("verify-{n}-{host}"));
-                let report = thaw(&["pull", &format!("{host}/functions/ha:rev-{n}"), out.to_str().unwrap()])
-                    .unwrap_or_else(|e| panic!("pull of acknowledged revision {n} from {host}: {e}"));
-                assert_eq!(report["digest"].as_str(), Some(digest.as_str()));
-                assert_same_files(&revisions[*n], &out);
-                std::fs::remove_dir_all(&out).unwrap();
-            }
-        }
-    });
-
     // MinIO healed node 2: every object under the prefix is on both of its drives again.
     let bucket = cluster.client(0);
     let keys = list_keys(bucket.as_ref(), &prefix).await;
     assert!(!keys.is_empty());
     let drives = cluster.drive_dirs(VICTIM);
     let heal_started = Instant::now();
+    let healed_after;
     let missing = |keys: &[String]| -> Vec<String> {
         keys.iter()
             .filter(|k| drives.iter().any(|d| !d.join(minio::BUCKET).join(k).join("xl.meta").is_file()))
@@ -275,6 +258,7 @@ async fn pushes_and_pulls_survive_a_minio_node_dying_and_healing() {
     loop {
         let left = missing(&keys);
         if left.is_empty() {
+            healed_after = heal_started.elapsed();
             break;
         }
         assert!(
@@ -292,11 +276,30 @@ async fn pushes_and_pulls_survive_a_minio_node_dying_and_healing() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Nothing acknowledged was lost (checked once MinIO has healed; while it heals clients
+    // see only retryable errors, checked above): every revision, through both replicas, byte-identical,
+    // with node 2 back (and through a cold replica that only knows the bucket).
+    let cold =
+        thaw_registry::spawn(RegistryConfig::new("127.0.0.1:0".parse().unwrap(), &storage)).await.unwrap();
+    let cold_host = cold.addr().to_string();
+    tokio::task::block_in_place(|| {
+        for (n, digest, _) in &log.acked {
+            for host in hosts.iter().chain([&cold_host]) {
+                let out = work.path().join(format!("verify-{n}-{host}"));
+                let report = thaw(&["pull", &format!("{host}/functions/ha:rev-{n}"), out.to_str().unwrap()])
+                    .unwrap_or_else(|e| panic!("pull of acknowledged revision {n} from {host}: {e}"));
+                assert_eq!(report["digest"].as_str(), Some(digest.as_str()));
+                assert_same_files(&revisions[*n], &out);
+                std::fs::remove_dir_all(&out).unwrap();
+            }
+        }
+    });
+
     eprintln!(
-        "{} objects on node {VICTIM}'s drives {:.1} s after the verification pulls; {} pulls during the \
+        "{} objects on node {VICTIM}'s drives {:.1} s after the run ended; {} pulls during the \
          run; {} retryable client errors, all retried: {:?}; total {:.1} s",
         keys.len(),
-        heal_started.elapsed().as_secs_f64(),
+        healed_after.as_secs_f64(),
         log.pulls,
         log.errors.len(),
         log.errors,

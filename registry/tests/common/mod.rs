@@ -7,7 +7,6 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
-pub(crate) mod garage;
 pub(crate) mod minio;
 
 use std::collections::BTreeMap;
