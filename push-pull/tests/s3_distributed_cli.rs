@@ -20,7 +20,7 @@ mod minio;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,9 +36,14 @@ const DRIVES_PER_NODE: usize = 2;
 const VICTIM: usize = 2;
 const REVISIONS: usize = 8;
 
-/// Spreads TCP connections round-robin over `nodes`, skipping a node that refuses.
+/// Spreads TCP connections round-robin over `nodes`, skipping a node that refuses or that
+/// its health check has taken out of rotation, as a load balancer in front of MinIO does
+/// (MinIO's deployment guide puts its health checks there: a node that has just started
+/// answers before it sees its peers again, and then answers 404 for objects written while
+/// it was away).
 struct Balancer {
     addr: SocketAddr,
+    in_rotation: Arc<Vec<AtomicBool>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -47,12 +52,20 @@ impl Balancer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let next = Arc::new(AtomicUsize::new(0));
+        let in_rotation: Arc<Vec<AtomicBool>> =
+            Arc::new(nodes.iter().map(|_| AtomicBool::new(true)).collect());
+        let rotation = in_rotation.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let (nodes, first) = (nodes.clone(), next.fetch_add(1, Ordering::Relaxed));
+                let rotation = rotation.clone();
                 tokio::spawn(async move {
                     for i in 0..nodes.len() {
-                        let target = nodes[(first + i) % nodes.len()];
+                        let n = (first + i) % nodes.len();
+                        if !rotation[n].load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        let target = nodes[n];
                         let connect =
                             tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(target));
                         if let Ok(Ok(mut server)) = connect.await {
@@ -63,7 +76,13 @@ impl Balancer {
                 });
             }
         });
-        Self { addr, task }
+        Self { addr, in_rotation, task }
+    }
+
+    /// Takes node `n` out of rotation or puts it back (what a failed or passed health
+    /// check does).
+    fn set_in_rotation(&self, n: usize, on: bool) {
+        self.in_rotation[n].store(on, Ordering::SeqCst);
     }
 
     fn endpoint(&self) -> String {
@@ -224,11 +243,24 @@ async fn pushes_and_pulls_survive_a_minio_node_dying_and_healing() {
     tokio::task::block_in_place(|| wait_for_acks(2));
     let killed_at = acked(&log);
     cluster.stop(VICTIM);
+    // Connections to it are refused from here on; its health check fails too, and keeps it
+    // out of rotation until it passes again.
+    balancer.set_in_rotation(VICTIM, false);
     let outage = Instant::now();
     eprintln!("killed MinIO node {VICTIM} after {killed_at} acknowledged pushes");
     tokio::task::block_in_place(|| wait_for_acks(killed_at + 2));
     let written_without_victim = acked(&log) - killed_at;
-    tokio::task::block_in_place(|| cluster.start_again(VICTIM));
+    tokio::task::block_in_place(|| {
+        cluster.start_again(VICTIM);
+        // The balancer's health check: MinIO's cluster health answers 200 on a node once it
+        // has write quorum again.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while cluster.cluster_health(VICTIM) != Some(200) {
+            assert!(Instant::now() < deadline, "node {VICTIM} never reported a healthy cluster");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    balancer.set_in_rotation(VICTIM, true);
     eprintln!(
         "restarted node {VICTIM} after {:.1} s down; {written_without_victim} pushes acknowledged meanwhile",
         outage.elapsed().as_secs_f64()
