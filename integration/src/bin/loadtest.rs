@@ -548,7 +548,8 @@ async fn client_loop(
             }
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
+    // The directory is left in place: it holds this client's revisions, which other clients
+    // may still be pulling or reading; each revision's files go when its last user drops it.
     outcome
 }
 

@@ -188,6 +188,11 @@ async fn slow_reader(addr: SocketAddr, request: String, counts: Arc<Counts>, unt
         let mut buf = [0u8; 1024];
         loop {
             let left = until.saturating_duration_since(Instant::now());
+            // A zero timeout still returns data already received: without this check a
+            // reader would drain the rest of the blob at full speed after the attack ends.
+            if left.is_zero() {
+                return;
+            }
             match tokio::time::timeout(left, stream.read(&mut buf)).await {
                 Err(_) => return,
                 Ok(Ok(0) | Err(_)) => {
