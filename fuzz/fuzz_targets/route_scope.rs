@@ -36,23 +36,6 @@ fn enc(s: &str) -> String {
     out
 }
 
-fn repository(route: &Route) -> Option<&str> {
-    match route {
-        Route::Base | Route::Catalog | Route::Discover | Route::NodeDirectory | Route::Node { .. } => None,
-        Route::Manifest { name, .. }
-        | Route::Blob { name, .. }
-        | Route::UploadStart { name }
-        | Route::Upload { name, .. }
-        | Route::Tags { name }
-        | Route::Referrers { name, .. }
-        | Route::ThawMissing { name }
-        | Route::ThawChunks { name }
-        | Route::ThawFetch { name }
-        | Route::ThawCommit { name, .. }
-        | Route::ThawRecipe { name, .. } => Some(name),
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some((&m, rest)) = data.split_first() else { return };
     let method = METHODS[usize::from(m) % METHODS.len()].clone();
@@ -93,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(*a, if read { "read" } else { "write" });
         }
         (r, Access::Repository(name, action)) => {
-            assert_eq!(Some(name.as_str()), repository(r), "{route:?} checks another repository");
+            assert_eq!(Some(name.as_str()), r.repository(), "{route:?} checks another repository");
             let read = method == Method::GET || method == Method::HEAD;
             let expected = match r {
                 Route::Manifest { .. } | Route::Blob { .. } if method == Method::DELETE => Action::Delete,

@@ -94,6 +94,28 @@ pub enum Route {
     },
 }
 
+impl Route {
+    /// The repository the route is scoped to, or `None` for the registry-wide routes.
+    pub fn repository(&self) -> Option<&str> {
+        match self {
+            Route::Base | Route::Catalog | Route::Discover | Route::NodeDirectory | Route::Node { .. } => {
+                None
+            }
+            Route::Manifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::UploadStart { name }
+            | Route::Upload { name, .. }
+            | Route::Tags { name }
+            | Route::Referrers { name, .. }
+            | Route::ThawMissing { name }
+            | Route::ThawChunks { name }
+            | Route::ThawFetch { name }
+            | Route::ThawCommit { name, .. }
+            | Route::ThawRecipe { name, .. } => Some(name),
+        }
+    }
+}
+
 fn percent_decode(segment: &str) -> Option<String> {
     let b = segment.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -295,20 +317,7 @@ mod tests {
     use super::*;
 
     fn name_of(r: Route) -> String {
-        match r {
-            Route::Manifest { name, .. }
-            | Route::Blob { name, .. }
-            | Route::UploadStart { name }
-            | Route::Upload { name, .. }
-            | Route::Tags { name }
-            | Route::Referrers { name, .. }
-            | Route::ThawMissing { name }
-            | Route::ThawChunks { name }
-            | Route::ThawFetch { name }
-            | Route::ThawCommit { name, .. }
-            | Route::ThawRecipe { name, .. } => name,
-            other => panic!("{other:?}"),
-        }
+        r.repository().unwrap_or_else(|| panic!("{r:?}")).to_owned()
     }
 
     #[test]
