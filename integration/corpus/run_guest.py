@@ -102,13 +102,15 @@ def run(args):
     sockdir = tempfile.mkdtemp(prefix="thaw-qmp-")  # unix socket paths must stay short
     qmp_path = os.path.join(sockdir, "qmp.sock")
     mem = f"{args.mem}M"
+    # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can miss its
+    # ticks and panic ("IO-APIC + timer doesn't work"); seen on a 2-core CI machine.
     cmd = [
         args.qemu, "-nodefaults", "-no-user-config", "-no-reboot",
         "-machine", "pc,accel=tcg,memory-backend=mem", "-cpu", "max", "-smp", "1", "-m", mem,
         "-object", f"memory-backend-file,id=mem,size={mem},mem-path={live},share=on",
         "-kernel", args.kernel, "-initrd", args.initrd,
         "-drive", f"file={args.disk},format=raw,if=virtio,readonly=on",
-        "-append", f"console=ttyS0 panic=-1 loglevel=4 {args.append}".strip(),
+        "-append", f"console=ttyS0 panic=-1 loglevel=4 no_timer_check {args.append}".strip(),
         "-display", "none", "-serial", f"file:{serial}", "-nic", "none",
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
     ]
