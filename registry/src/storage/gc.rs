@@ -214,18 +214,21 @@ impl Store {
         Ok(report)
     }
 
-    /// The store's clock, now: the modification time it gives an object written now (plus a
-    /// second). The grace period is measured against timestamps the store set, so with its
-    /// clock, not this host's: a replica whose clock runs ahead by more than the grace
-    /// would otherwise collect content uploaded a moment ago (chunks whose commit is on its
-    /// way), as the registry did before (registry/tests/s3_gc_replicas.rs).
+    /// The store's clock, now: the modification time it gives an object written now, read
+    /// back by listing, the way the marks read every other object's. The grace period is
+    /// measured against timestamps the store set, so with its clock, not this host's: a
+    /// replica whose clock runs ahead by more than the grace would otherwise collect
+    /// content uploaded a moment ago (chunks whose commit is on its way), as the registry
+    /// did before (registry/tests/s3_gc_replicas.rs). Where the store keeps whole seconds,
+    /// both sides are truncated alike, which only keeps more.
     async fn store_now(&self) -> Result<SystemTime> {
         let key = keys::gc_probe(&format!("clock-{}", hex::encode(rand::random::<[u8; 8]>())));
         self.objects.put(&key, PutPayload::from_static(b"what time is it")).await?;
-        let written = self.objects.head(&key).await;
+        let listed = self.list_meta(keys::GC_PROBES).await;
         let _ = self.objects.delete(&key).await;
-        // S3 answers with whole seconds: the time may be up to a second behind.
-        Ok(SystemTime::from(written?.last_modified) + Duration::from_secs(1))
+        let written = listed?.into_iter().find(|m| m.location == key);
+        let written = written.ok_or_else(|| super::corrupt(&key, "not listed after it was written"))?;
+        Ok(SystemTime::from(written.last_modified))
     }
 
     async fn run_sweep(
