@@ -2,7 +2,8 @@
 # Installs the real OCI peers and clients that thaw's interop tests drive, and the real S3
 # server its storage tests run against, and nothing else.
 #
-#   Debian:    skopeo, docker-registry (distribution 2.8)
+#   Debian:    skopeo, docker-registry (distribution 2.8), faketime (libfaketime: registry
+#              replicas with a skewed clock, registry/tests/s3_gc_replicas.rs)
 #   PyPI:      oras==0.2.43 (oras-py), into the `python3` found on PATH
 #   Go:        MinIO (the S3 server the tests run against), built by `go install` into
 #              ~/.cache/thaw-tools/minio-<version>/ (Garage only with THAW_S3_SERVER=garage)
@@ -15,7 +16,7 @@
 # outside the repository: apt deletes the .deb files it fetched, pip runs with --no-cache-dir.
 set -euo pipefail
 
-readonly APT_PACKAGES=(skopeo docker-registry)
+readonly APT_PACKAGES=(skopeo docker-registry faketime)
 readonly ORAS_VERSION=0.2.43
 PYTHON=${PYTHON:-python3}
 
@@ -56,6 +57,7 @@ else
 fi
 command -v skopeo >/dev/null || die "skopeo is still not on PATH after installing it"
 [[ -x /usr/bin/docker-registry ]] || die "/usr/bin/docker-registry is still missing after installing it"
+command -v faketime >/dev/null || die "faketime is still not on PATH after installing it"
 
 # --- PyPI: oras-py ---------------------------------------------------------------------
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found: the interop tests need CPython 3 with pip"

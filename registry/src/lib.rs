@@ -32,8 +32,9 @@ use thaw_schema::chunker::ChunkerParams;
 pub use error::{ApiError, ApiResult};
 pub use handlers::{router, AppState};
 pub use limits::{
-    Limits, RateLimit, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_INFLIGHT_WAIT,
-    DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_PER_CLIENT, DEFAULT_SEND_TIMEOUT,
+    default_max_verifications, Limits, RateLimit, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_INFLIGHT_WAIT, DEFAULT_MAX_CHUNK_REPEAT, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_PER_CLIENT,
+    DEFAULT_MAX_VERIFICATIONS_PER_CLIENT, DEFAULT_SEND_TIMEOUT, DEFAULT_VERIFY_WAIT,
 };
 pub use storage::faults::{Fault, Faults, Faulty, Op, Rule, RuleId};
 pub use storage::metrics::{process_storage_metrics, Counted, StorageCounts, StorageMetrics};

@@ -5,6 +5,10 @@
 //! `Retry-After`), and a bound on how long a request body may stall. Connection timeouts
 //! (request head, keep-alive idle, unread responses) live in `conn`; body size limits with
 //! the handlers that read bodies (docs/API.md, "Limits").
+//!
+//! Whole-blob verifications (a `_thaw` commit hashing every byte its recipe declares, work
+//! a small request can ask for) take slots of the same shape, per client and in total,
+//! inside the handler (`handlers::thaw`), with the recipe checks they guard.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,6 +45,24 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time a response may wait for the client to read (a write that cannot proceed).
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on whole-blob verifications one client address runs at once: thaw's client
+/// commits its blobs one after another, so one; a second waits for the first.
+pub const DEFAULT_MAX_VERIFICATIONS_PER_CLIENT: usize = 1;
+/// Default time a commit waits for a verification slot before its 503: long, since the
+/// client has already sent everything and a verification ahead of it may take seconds.
+pub const DEFAULT_VERIFY_WAIT: Duration = Duration::from_secs(60);
+/// Default bound on how often a recipe may use its data chunks: the bytes its data entries
+/// declare may be at most this multiple of the bytes of its distinct chunks. Real snapshot
+/// files stay near 2 (docs/CHUNKING.md: 2.12× for five whole guest snapshots together at
+/// 4 KiB, 1.70× at 64 KiB, zero pages excluded, as here); 256 leaves room for guests that
+/// fill free memory with one pattern, and caps one 4 MiB chunk at 1 GiB of hashing.
+pub const DEFAULT_MAX_CHUNK_REPEAT: u32 = 256;
+
+/// Default cap on whole-blob verifications at once in the process: the number of CPUs, and
+/// at least 2, so one client at its cap of 1 never holds them all.
+pub fn default_max_verifications() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)
+}
 
 /// A token bucket per client IP address: `per_second` requests on average, bursts of up to
 /// `burst`.
@@ -70,6 +92,15 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// Longest time a response write may wait for the client to read.
     pub send_timeout: Duration,
+    /// Whole-blob verifications (hashing a `_thaw` commit's recipe) running at once.
+    pub max_verifications: usize,
+    /// Whole-blob verifications one client address runs at once; checked first.
+    pub max_verifications_per_client: usize,
+    /// How long a commit waits for a verification slot before 503 `UNAVAILABLE`.
+    pub verify_wait: Duration,
+    /// A recipe to verify may declare at most this multiple of its distinct chunks' bytes
+    /// in data entries (400 `BLOB_UPLOAD_INVALID` past it, before anything is hashed).
+    pub max_chunk_repeat: u32,
 }
 
 impl Default for Limits {
@@ -82,6 +113,10 @@ impl Default for Limits {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
             send_timeout: DEFAULT_SEND_TIMEOUT,
+            max_verifications: default_max_verifications(),
+            max_verifications_per_client: DEFAULT_MAX_VERIFICATIONS_PER_CLIENT,
+            verify_wait: DEFAULT_VERIFY_WAIT,
+            max_chunk_repeat: DEFAULT_MAX_CHUNK_REPEAT,
         }
     }
 }
@@ -95,24 +130,33 @@ struct Bucket {
     at: Instant,
 }
 
-/// The live state of [`Limits`].
+/// Slots of one kind handed out per client address and in total: requests in flight, and
+/// whole-blob verifications. A client takes its own slot first, so a client at its cap
+/// queues alone, and the shared queue holds at most one waiter per client.
 #[derive(Debug)]
-pub(crate) struct Limiter {
-    limits: Limits,
-    inflight: Arc<Semaphore>,
-    /// One semaphore per client address with requests in flight or queued; an entry goes
-    /// when its last request does, so the map is bounded by requests, not by addresses seen.
+struct Slots {
+    total: Arc<Semaphore>,
+    per_client_cap: usize,
+    /// One semaphore per client address with slots held or waited for; an entry goes when
+    /// its last holder does, so the map is bounded by requests, not by addresses seen.
     per_client: Arc<Mutex<HashMap<IpAddr, Arc<Semaphore>>>>,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
-/// The slots one request holds: its client's and the process's. Dropped when the response
-/// body has been sent (or the connection is gone).
+/// Which cap a refused wait met.
+enum Full {
+    Client(IpAddr),
+    Total,
+}
+
+/// Slots taken from [`Slots`]: the client's and the total's, released when dropped.
 #[derive(Debug)]
-pub(crate) struct Admission {
-    _global: OwnedSemaphorePermit,
+pub(crate) struct Held {
+    _total: OwnedSemaphorePermit,
     _client: Option<ClientSlot>,
 }
+
+/// The slots one request holds (see [`Limiter::admit`]).
+pub(crate) type Admission = Held;
 
 #[derive(Debug)]
 struct ClientSlot {
@@ -135,10 +179,78 @@ impl Drop for ClientSlot {
     }
 }
 
+impl Slots {
+    fn new(total: usize, per_client: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(total.max(1))),
+            per_client_cap: per_client.max(1),
+            per_client: Arc::default(),
+        }
+    }
+
+    /// The client's slot, then one of the total, each waited for until `deadline`.
+    async fn take(&self, client: Option<IpAddr>, deadline: tokio::time::Instant) -> Result<Held, Full> {
+        let client = match client {
+            None => None,
+            Some(ip) => {
+                let semaphore = {
+                    let mut map = self.per_client.lock().expect("per-client map lock");
+                    map.entry(ip).or_insert_with(|| Arc::new(Semaphore::new(self.per_client_cap))).clone()
+                };
+                // Registered before waiting, so a queued request keeps the entry alive.
+                let mut slot = ClientSlot { ip, permit: None, map: self.per_client.clone() };
+                match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
+                    Ok(Ok(permit)) => slot.permit = Some(permit),
+                    _ => {
+                        drop(slot);
+                        self.forget_if_unused(ip);
+                        return Err(Full::Client(ip));
+                    }
+                }
+                Some(slot)
+            }
+        };
+        match tokio::time::timeout_at(deadline, self.total.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Held { _total: permit, _client: client }),
+            _ => Err(Full::Total),
+        }
+    }
+
+    /// Drops `ip`'s semaphore when nobody holds or waits for it (after a refused wait).
+    fn forget_if_unused(&self, ip: IpAddr) {
+        let mut map = self.per_client.lock().expect("per-client map lock");
+        if map.get(&ip).is_some_and(|s| Arc::strong_count(s) == 1) {
+            map.remove(&ip);
+        }
+    }
+
+    #[cfg(test)]
+    fn clients_tracked(&self) -> usize {
+        self.per_client.lock().unwrap().len()
+    }
+}
+
+/// A 503 `UNAVAILABLE` saying when to come back.
+fn busy(what: String, retry_after: Duration) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, what)
+        .with_status(StatusCode::SERVICE_UNAVAILABLE)
+        .with_header("retry-after", retry_after.as_secs().max(1).to_string())
+}
+
+/// The live state of [`Limits`].
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    limits: Limits,
+    inflight: Slots,
+    verifications: Slots,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
 impl Limiter {
     pub(crate) fn new(limits: Limits) -> Self {
-        let inflight = Arc::new(Semaphore::new(limits.max_inflight.max(1)));
-        Self { limits, inflight, per_client: Arc::default(), buckets: Mutex::new(HashMap::new()) }
+        let inflight = Slots::new(limits.max_inflight, limits.max_inflight_per_client);
+        let verifications = Slots::new(limits.max_verifications, limits.max_verifications_per_client);
+        Self { limits, inflight, verifications, buckets: Mutex::new(HashMap::new()) }
     }
 
     /// The limits it enforces.
@@ -181,58 +293,53 @@ impl Limiter {
     /// within one `inflight_wait` (then 503).
     pub(crate) async fn admit(&self, client: Option<IpAddr>) -> Result<Admission, ApiError> {
         let deadline = tokio::time::Instant::now() + self.limits.inflight_wait;
-        let busy = |what: String| {
-            ApiError::new(ErrorCode::Unavailable, what)
-                .with_status(StatusCode::SERVICE_UNAVAILABLE)
-                .with_header("retry-after", "1".to_owned())
-        };
-        let client = match client {
-            None => None,
-            Some(ip) => {
-                let semaphore = {
-                    let mut map = self.per_client.lock().expect("per-client map lock");
-                    map.entry(ip)
-                        .or_insert_with(|| {
-                            Arc::new(Semaphore::new(self.limits.max_inflight_per_client.max(1)))
-                        })
-                        .clone()
-                };
-                // Registered before waiting, so a queued request keeps the entry alive.
-                let mut slot = ClientSlot { ip, permit: None, map: self.per_client.clone() };
-                match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
-                    Ok(Ok(permit)) => slot.permit = Some(permit),
-                    _ => {
-                        drop(slot);
-                        self.forget_if_unused(ip);
-                        return Err(busy(format!(
-                            "{ip} has {} requests in flight, its limit; retry later",
-                            self.limits.max_inflight_per_client
-                        )));
-                    }
-                }
-                Some(slot)
-            }
-        };
-        match tokio::time::timeout_at(deadline, self.inflight.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Admission { _global: permit, _client: client }),
-            _ => Err(busy(format!(
-                "the registry is handling {} requests, its limit; retry later",
-                self.limits.max_inflight
-            ))),
-        }
+        self.inflight.take(client, deadline).await.map_err(|full| match full {
+            Full::Client(ip) => busy(
+                format!(
+                    "{ip} has {} requests in flight, its limit; retry later",
+                    self.limits.max_inflight_per_client
+                ),
+                Duration::from_secs(1),
+            ),
+            Full::Total => busy(
+                format!(
+                    "the registry is handling {} requests, its limit; retry later",
+                    self.limits.max_inflight
+                ),
+                Duration::from_secs(1),
+            ),
+        })
     }
 
-    /// Drops `ip`'s semaphore when nobody holds or waits for it (after a refused wait).
-    fn forget_if_unused(&self, ip: IpAddr) {
-        let mut map = self.per_client.lock().expect("per-client map lock");
-        if map.get(&ip).is_some_and(|s| Arc::strong_count(s) == 1) {
-            map.remove(&ip);
-        }
+    /// A slot to hash a whole blob for `client` (a `_thaw` commit), held while it hashes:
+    /// its client's, then the process's, waited for within `verify_wait` (then 503), so
+    /// neither one client nor all of them together can keep more cores hashing than
+    /// configured, however many small commits they send.
+    pub(crate) async fn verification(&self, client: Option<IpAddr>) -> Result<Held, ApiError> {
+        let deadline = tokio::time::Instant::now() + self.limits.verify_wait;
+        // Verifications ahead may take seconds: come back a little later than for requests.
+        let retry = Duration::from_secs(5);
+        self.verifications.take(client, deadline).await.map_err(|full| match full {
+            Full::Client(ip) => busy(
+                format!(
+                    "{ip} has {} blob verifications running, its limit; commit one blob at a time or retry later",
+                    self.limits.max_verifications_per_client
+                ),
+                retry,
+            ),
+            Full::Total => busy(
+                format!(
+                    "the registry is verifying {} blobs, its limit; retry later",
+                    self.limits.max_verifications
+                ),
+                retry,
+            ),
+        })
     }
 
     #[cfg(test)]
     fn clients_tracked(&self) -> usize {
-        self.per_client.lock().unwrap().len()
+        self.inflight.clients_tracked()
     }
 }
 
@@ -374,5 +481,28 @@ mod tests {
         drop(held);
         drop(other);
         assert_eq!(limiter.clients_tracked(), 0, "no entry outlives its client's requests");
+    }
+
+    #[tokio::test]
+    async fn verification_slots_are_separate_from_request_slots_and_capped_per_client() {
+        let limiter = Limiter::new(Limits {
+            max_verifications: 2,
+            max_verifications_per_client: 1,
+            verify_wait: Duration::from_millis(50),
+            ..Limits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let hashing = limiter.verification(Some(a)).await.unwrap();
+        let e = limiter.verification(Some(a)).await.unwrap_err();
+        assert_eq!((e.code(), e.status()), (ErrorCode::Unavailable, StatusCode::SERVICE_UNAVAILABLE));
+        // Requests of the client at its verification cap are still admitted.
+        let _request = limiter.admit(Some(a)).await.unwrap();
+        let other = limiter.verification(Some(b)).await.unwrap();
+        // Both of the process's verification slots are held: a third client waits, then 503.
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert!(limiter.verification(Some(c)).await.is_err());
+        drop((hashing, other));
+        let _slot = limiter.verification(Some(c)).await.unwrap();
     }
 }

@@ -38,6 +38,23 @@ struct Args {
     /// Longest a response may wait for the client to read before the connection is closed.
     #[arg(long, env = "THAW_SEND_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
     send_timeout: Duration,
+    /// Whole-blob verifications (a `_thaw` commit hashing every byte of its blob) run at
+    /// once; past it a commit waits up to --verify-wait, then gets 503 with Retry-After.
+    /// Default: the number of CPUs, at least 2.
+    #[arg(long, env = "THAW_MAX_VERIFICATIONS")]
+    max_verifications: Option<usize>,
+    /// Whole-blob verifications one client address runs at once (counted before the
+    /// process-wide cap).
+    #[arg(long, env = "THAW_MAX_VERIFICATIONS_PER_CLIENT", default_value_t = thaw_registry::DEFAULT_MAX_VERIFICATIONS_PER_CLIENT)]
+    max_verifications_per_client: usize,
+    /// How long a commit waits for a verification slot.
+    #[arg(long, env = "THAW_VERIFY_WAIT", value_parser = parse_duration, default_value = "60s")]
+    verify_wait: Duration,
+    /// A `_thaw` recipe to verify may declare at most this multiple of its distinct chunks'
+    /// bytes in data entries (zero runs not counted); past it the commit is refused before
+    /// anything is hashed.
+    #[arg(long, env = "THAW_MAX_CHUNK_REPEAT", default_value_t = thaw_registry::DEFAULT_MAX_CHUNK_REPEAT)]
+    max_chunk_repeat: u32,
     /// bcrypt checks of Basic credentials run at once, on threads of their own.
     #[arg(long, env = "THAW_CREDENTIAL_THREADS", default_value_t = thaw_registry::auth::DEFAULT_CREDENTIAL_THREADS)]
     credential_threads: usize,
@@ -172,6 +189,20 @@ impl Args {
         if self.max_inflight_per_client == 0 {
             return Err("--max-inflight-per-client (THAW_MAX_INFLIGHT_PER_CLIENT) must be at least 1".into());
         }
+        let max_verifications =
+            self.max_verifications.unwrap_or_else(thaw_registry::default_max_verifications);
+        for (name, n) in [
+            ("--max-verifications (THAW_MAX_VERIFICATIONS)", max_verifications),
+            (
+                "--max-verifications-per-client (THAW_MAX_VERIFICATIONS_PER_CLIENT)",
+                self.max_verifications_per_client,
+            ),
+            ("--max-chunk-repeat (THAW_MAX_CHUNK_REPEAT)", self.max_chunk_repeat as usize),
+        ] {
+            if n == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
         if self.credential_threads == 0 {
             return Err("--credential-threads (THAW_CREDENTIAL_THREADS) must be at least 1".into());
         }
@@ -199,6 +230,10 @@ impl Args {
             header_timeout: self.header_timeout,
             body_timeout: self.body_timeout,
             send_timeout: self.send_timeout,
+            max_verifications,
+            max_verifications_per_client: self.max_verifications_per_client,
+            verify_wait: self.verify_wait,
+            max_chunk_repeat: self.max_chunk_repeat,
         })
     }
 }

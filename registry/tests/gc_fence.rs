@@ -187,6 +187,63 @@ async fn a_run_whose_lock_renewals_fail_stops_before_deleting_more() {
     assert!(objects.head(&recipe_key).await.is_ok(), "the recipe must not be deleted after renewals failed");
 }
 
+/// A run that dies between publishing its sweep record and deleting leaves packs it doomed
+/// in the store, and one of them holds a chunk its second mark found live (a blob committed
+/// again, by dedup, while the run marked). The next lock holder closes the dead run's
+/// record. Replicas that applied the record while it was open, and those that apply it
+/// closed, must read that blob again: before, they kept the pack forgotten for good and the
+/// read failed ("referenced chunk is not stored").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pack_left_by_a_run_that_died_is_read_again_once_its_record_is_closed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let objects = local(dir.path());
+    let replica_b = Arc::new(Store::new(objects.clone()));
+    let (data, recipe) = stored_then_unlinked(&replica_b, 5).await;
+
+    // Replica A's run stops before publishing its record (`publish`), then, once let go,
+    // before copying the live chunks out of the doomed pack (`rescue`): there it dies.
+    let publish = Faults::new(1);
+    publish.add(Rule::on(Op::Put, Fault::Stall).under("gc/sweeps/").nth(1));
+    let rescue = Faults::new(2);
+    rescue.add(Rule::on(Op::Get, Fault::Stall).under("chunks/packs/").nth(1));
+    let inner: Arc<dyn ObjectStore> = Arc::new(Faulty::new(objects.clone(), rescue.clone()));
+    let replica_a = Arc::new(Store::new(Arc::new(Faulty::new(inner, publish.clone()))));
+    let gc = tokio::spawn({
+        let a = replica_a.clone();
+        async move { a.collect_garbage(&no_grace(), None, None).await }
+    });
+    wait_stalled(&publish).await;
+    // Marked dead by A's first mark, committed again on B before the record appears.
+    commit(&replica_b, &recipe).await.expect("a commit before the record is published");
+    publish.release_stalls();
+    wait_stalled(&rescue).await;
+    // A dies: its task is gone and its lock is no longer renewed.
+    publish.add(Rule::on(Op::Put, Fault::Fail).under("gc/lock"));
+    gc.abort();
+
+    // B applies the open record with its next commit; the blob still reads (the pack is there).
+    let (_, other_chunks, other) = blob(6);
+    replica_b.store_chunks(&other_chunks).await.unwrap();
+    commit(&replica_b, &other).await.expect("an unrelated commit");
+    assert_eq!(read_blob(&replica_b, &recipe).await.expect("read while the dead run's record is open"), data);
+
+    // The next run takes the dead holder's lock after its TTL and closes the record; the
+    // blob is live, its pack stays.
+    let next = Arc::new(Store::new(objects.clone()));
+    next.collect_garbage(&no_grace(), None, None).await.expect("the next run");
+    // B learns the record is closed with its next commit; a replica new to the store
+    // applies it closed.
+    let (_, third_chunks, third) = blob(7);
+    replica_b.store_chunks(&third_chunks).await.unwrap();
+    commit(&replica_b, &third).await.expect("a commit after the record closed");
+    let newcomer = Arc::new(Store::new(objects.clone()));
+    commit(&newcomer, &third).await.expect("the newcomer's first commit applies the closed record");
+    for (who, store) in [("replica B", &replica_b), ("a new replica", &newcomer)] {
+        let read = read_blob(store, &recipe).await;
+        assert_eq!(read.unwrap_or_else(|e| panic!("{who}: the blob the dead run left must read: {e}")), data);
+    }
+}
+
 /// What Garage 2.5 does with conditional writes: ignores them.
 #[derive(Debug)]
 struct IgnoresConditions(Arc<dyn ObjectStore>);

@@ -1,5 +1,6 @@
 //! The `_thaw` extension: chunk-level dedup on the wire (docs/API.md).
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -256,6 +257,7 @@ pub(super) async fn commit(
     req: Request,
 ) -> ApiResult<Response> {
     let digest = parse_digest(digest)?;
+    let client = req.client;
     check_declared_length(&req.headers, MAX_RECIPE_LEN, "recipe")?;
     let body = read_body(req.body, MAX_RECIPE_LEN, "recipe").await?;
     let recipe = Recipe::decode(&body)
@@ -276,8 +278,9 @@ pub(super) async fn commit(
     let stored = state.store.get_recipe(&digest).await?;
     let proven = stored.as_ref().is_some_and(|s| s.size == recipe.size && s.entries == recipe.entries);
     if !proven {
+        let ids = check_repetition(&recipe, state.limiter.limits().max_chunk_repeat)?;
         let recipe = Arc::new(recipe);
-        verify_in_full(state, &recipe, &digest).await?;
+        verify_in_full(state, &recipe, ids, &digest, client).await?;
         if stored.is_none() {
             state.store.put_recipe(&recipe).await?;
         }
@@ -289,12 +292,60 @@ pub(super) async fn commit(
     Ok(super::blobs::blob_created(name, &digest))
 }
 
-/// Checks that every chunk `recipe` names is stored and that they reassemble to `digest`.
-async fn verify_in_full(state: &Arc<AppState>, recipe: &Arc<Recipe>, digest: &Sha256Digest) -> ApiResult<()> {
-    let ids = recipe.distinct_chunks();
+/// Refuses, before anything is read or hashed, a recipe whose verification would cost far
+/// more than any real blob's: a chunk declared with two lengths (a chunk has one), or data
+/// entries declaring more than `max_repeat` times the bytes of the distinct chunks they
+/// name. Verifying hashes every declared byte, and repeating a chunk costs the sender 37
+/// bytes: a 75 KB recipe naming one stored 4 MiB chunk 2,048 times asks for 8 GiB of
+/// SHA-256. Zero runs are not counted here (sparse disks are mostly zeros); they cost
+/// hashing like data, and the verification slots bound them (`Limiter::verification`).
+/// Returns the distinct chunk ids, in first-use order.
+fn check_repetition(recipe: &Recipe, max_repeat: u32) -> ApiResult<Vec<ChunkId>> {
+    let mut lens: HashMap<ChunkId, u32> = HashMap::new();
+    let mut distinct = Vec::new();
+    let (mut declared, mut distinct_bytes) = (0u64, 0u64);
+    for entry in &recipe.entries {
+        let RecipeEntry::Data { id, len } = *entry else { continue };
+        declared += u64::from(len);
+        match lens.entry(id) {
+            Entry::Vacant(slot) => {
+                slot.insert(len);
+                distinct.push(id);
+                distinct_bytes += u64::from(len);
+            }
+            Entry::Occupied(first) if *first.get() != len => {
+                return Err(ApiError::digest_invalid(format!(
+                    "the recipe says chunk {id} is {} bytes long and also {len}",
+                    first.get()
+                )))
+            }
+            Entry::Occupied(_) => {}
+        }
+    }
+    if declared > distinct_bytes.saturating_mul(u64::from(max_repeat)) {
+        return Err(ApiError::new(
+            ErrorCode::BlobUploadInvalid,
+            format!(
+                "recipe rejected: its data entries declare {declared} bytes made of {distinct_bytes} bytes of distinct chunks, more than {max_repeat} times over (the registry's --max-chunk-repeat); push this blob with a plain OCI upload"
+            ),
+        ));
+    }
+    Ok(distinct)
+}
+
+/// Checks that every chunk of `recipe` (`ids`, its distinct ones) is stored and that they
+/// reassemble to `digest`, hashing the whole blob in one of `client`'s verification slots.
+async fn verify_in_full(
+    state: &Arc<AppState>,
+    recipe: &Arc<Recipe>,
+    ids: Vec<ChunkId>,
+    digest: &Sha256Digest,
+    client: Option<std::net::IpAddr>,
+) -> ApiResult<()> {
     let present = which_present(&state.store, &ids).await?;
     let missing: Vec<String> =
         ids.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| id.to_string()).collect();
+    drop(ids);
     if !missing.is_empty() {
         return Err(ApiError::new(
             ErrorCode::BlobUnknown,
@@ -303,6 +354,9 @@ async fn verify_in_full(state: &Arc<AppState>, recipe: &Arc<Recipe>, digest: &Sh
         .with_status(StatusCode::BAD_REQUEST)
         .with_detail(json!({ "missing": missing.iter().take(100).collect::<Vec<_>>() })));
     }
+    // Held while hashing; a client that hangs up drops the handler and its slot with it.
+    let _slot = state.limiter.verification(client).await?;
+    let started = std::time::Instant::now();
     let actual = match ingest::digest_of_recipe(state.store.clone(), recipe.clone()).await {
         Err(StoreError::ChunkLength { id, stored, declared }) => {
             return Err(ApiError::digest_invalid(format!(
@@ -311,6 +365,14 @@ async fn verify_in_full(state: &Arc<AppState>, recipe: &Arc<Recipe>, digest: &Sh
         }
         other => other?,
     };
+    tracing::info!(
+        %digest,
+        hashed_bytes = recipe.size,
+        zero_bytes = recipe.zero_bytes(),
+        ms = started.elapsed().as_millis() as u64,
+        matches = actual == *digest,
+        "verified a recipe by hashing its blob"
+    );
     if actual != *digest {
         return Err(ApiError::digest_invalid(format!(
             "the recipe's chunks reassemble to {actual}, not {digest}"

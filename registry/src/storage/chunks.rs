@@ -53,7 +53,8 @@ const INDEX_READS: usize = 16;
 /// An incremental refresh re-lists the indexes of packs created up to this long before the
 /// newest one it has seen: packs are named by their writer's clock when the writer starts
 /// them, so an index can appear after ones with later names (slow uploads, clock skew
-/// between replicas). One missed by this margin only costs a duplicate upload of its chunks.
+/// between replicas). One missed by this margin costs a duplicate upload of its chunks, and
+/// a reader that needs one of them one full listing (`locate_all`).
 const LIST_MARGIN: Duration = Duration::from_secs(15 * 60);
 
 /// How far index refreshes got.
@@ -61,6 +62,8 @@ const LIST_MARGIN: Duration = Duration::from_secs(15 * 60);
 pub(crate) struct RefreshState {
     /// When the last refresh that completed had started.
     last_started: Option<Instant>,
+    /// When the last refresh that listed every pack index had started.
+    last_full: Option<Instant>,
     /// Creation time of the newest pack seen, in unix milliseconds.
     newest_millis: Option<u64>,
 }
@@ -118,13 +121,24 @@ impl Store {
     /// `asked_at` or later. Concurrent callers share one refresh: a caller whose question
     /// is older than a refresh that completed meanwhile returns at once.
     pub async fn refresh_index(&self, asked_at: Instant) -> Result<()> {
+        self.refresh_index_from(asked_at, false).await
+    }
+
+    /// [`Store::refresh_index`], listing every pack index when `full`, not only those named
+    /// after the newest seen less `LIST_MARGIN`: a reader that still misses a chunk a
+    /// committed recipe names asks for this, since the pack may be named by a writer whose
+    /// clock is behind by more than the margin (it costs one LIST per 1,000 packs, and only
+    /// reads that would otherwise fail pay it).
+    async fn refresh_index_from(&self, asked_at: Instant, full: bool) -> Result<()> {
         let mut state = self.refresh.lock().await;
-        if state.last_started.is_some_and(|t| t >= asked_at) {
+        let done = if full { state.last_full } else { state.last_started };
+        if done.is_some_and(|t| t >= asked_at) {
             return Ok(());
         }
         let started = Instant::now();
         let dir = Path::from(keys::PACK_INDEXES);
-        let listing = match state.newest_millis {
+        let newest_seen = if full { None } else { state.newest_millis };
+        let listing = match newest_seen {
             None => self.objects.list(Some(&dir)),
             Some(newest) => {
                 let floor = newest.saturating_sub(LIST_MARGIN.as_millis() as u64);
@@ -174,6 +188,9 @@ impl Store {
         // which is still one request.
         state.newest_millis = state.newest_millis.max(newest);
         state.last_started = Some(started);
+        if newest_seen.is_none() {
+            state.last_full = Some(started);
+        }
         Ok(())
     }
 
@@ -203,6 +220,9 @@ impl Store {
         let asked_at = Instant::now();
         if ids.iter().any(|id| !self.is_known_chunk(id)) {
             self.refresh_index(asked_at).await?;
+        }
+        if ids.iter().any(|id| !self.is_known_chunk(id)) {
+            self.refresh_index_from(asked_at, true).await?;
         }
         ids.iter()
             .map(|id| {
@@ -329,7 +349,11 @@ impl Store {
         decode: bool,
     ) -> Result<Vec<(ChunkId, WindowRead)>> {
         let result = match self.fetch_window_once(&wanted, decode).await {
+            // A pack gone under us: GC on another replica swept it, or rewrote it with the
+            // live chunks copied elsewhere. A replica that only reads never applied that
+            // sweep record; applying it forgets the old pack, and the read finds the copy.
             Err(StoreError::Backend(object_store::Error::NotFound { .. })) => {
+                drop(self.sync_sweeps().await?);
                 self.fetch_window_once(&wanted, decode).await
             }
             other => other,

@@ -59,19 +59,27 @@ pub struct ConditionalWrites {
 pub(crate) struct Fence {
     /// Highest sweep epoch applied to the chunk index.
     applied: u64,
-    /// Open sweeps: epoch → recipes and manifests they may delete.
-    open: BTreeMap<u64, (HashSet<Sha256Digest>, HashSet<Sha256Digest>)>,
+    /// Open sweeps, by epoch.
+    open: BTreeMap<u64, OpenSweep>,
     /// A sweep was ever seen: links check that their content still exists.
     swept: bool,
 }
 
+/// What an open sweep may delete.
+#[derive(Debug, Default)]
+struct OpenSweep {
+    packs: Vec<PackId>,
+    recipes: HashSet<Sha256Digest>,
+    manifests: HashSet<Sha256Digest>,
+}
+
 impl Fence {
     pub(crate) fn doomed_recipe(&self, digest: &Sha256Digest) -> bool {
-        self.open.values().any(|(recipes, _)| recipes.contains(digest))
+        self.open.values().any(|s| s.recipes.contains(digest))
     }
 
     pub(crate) fn doomed_manifest(&self, digest: &Sha256Digest) -> bool {
-        self.open.values().any(|(_, manifests)| manifests.contains(digest))
+        self.open.values().any(|s| s.manifests.contains(digest))
     }
 
     pub(crate) fn swept_any(&self) -> bool {
@@ -190,6 +198,8 @@ impl Store {
             // Records this process never applied were pruned: start the index afresh.
             self.reset_index().await;
         }
+        // Packs of sweeps that ended: deleted, unless their run died first.
+        let mut ended: Vec<PackId> = Vec::new();
         for (&epoch, &closed) in &listed {
             if epoch > fence.applied {
                 let record = self.read_sweep(epoch).await?;
@@ -199,21 +209,34 @@ impl Store {
                     self.recipes.remove(digest);
                 }
                 fence.swept = true;
-                if !closed {
-                    fence.open.insert(
-                        epoch,
-                        (record.recipes.into_iter().collect(), record.manifests.into_iter().collect()),
-                    );
+                if closed {
+                    ended.extend(packs);
+                } else {
+                    let recipes = record.recipes.into_iter().collect();
+                    let manifests = record.manifests.into_iter().collect();
+                    fence.open.insert(epoch, OpenSweep { packs, recipes, manifests });
                 }
                 fence.applied = epoch;
             } else if closed {
-                fence.open.remove(&epoch);
+                ended.extend(fence.open.remove(&epoch).map(|s| s.packs).unwrap_or_default());
             }
         }
-        fence.open.retain(|epoch, _| listed.get(epoch) == Some(&false));
-        if fence.open.is_empty() {
-            self.index.write().expect("index lock").drop_doomed();
+        let pruned: Vec<u64> = fence.open.keys().filter(|e| listed.get(e) != Some(&false)).copied().collect();
+        for epoch in pruned {
+            ended.extend(fence.open.remove(&epoch).map(|s| s.packs).unwrap_or_default());
         }
+        // A run that died before deleting (its record closed by the next lock holder) left
+        // its packs stored, holding chunks its second mark found live: they may be read
+        // again once no open sweep names them (before, every replica that had applied the
+        // record kept them forgotten, and blobs using them failed to read).
+        let still_doomed: HashSet<&PackId> = fence.open.values().flat_map(|s| s.packs.iter()).collect();
+        ended.retain(|p| !still_doomed.contains(p));
+        let mut index = self.index.write().expect("index lock");
+        index.unforget_packs(&ended);
+        if fence.open.is_empty() {
+            index.drop_doomed();
+        }
+        drop(index);
         Ok(fence)
     }
 

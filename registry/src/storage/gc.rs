@@ -161,7 +161,16 @@ impl Store {
         expire: Option<&(dyn Fn(Duration) -> u64 + Sync)>,
         own_lease: Option<&str>,
     ) -> Result<GcReport> {
-        let cutoff = SystemTime::now() - options.grace;
+        let now = match self.store_now().await {
+            Ok(now) => now,
+            // A dry run changes nothing and may run with read-only credentials.
+            Err(e) if options.dry_run => {
+                tracing::warn!(error = %e, "could not read the store's clock; the dry run uses this host's");
+                SystemTime::now()
+            }
+            Err(e) => return Err(e),
+        };
+        let cutoff = now - options.grace;
         let mut report = GcReport { dry_run: options.dry_run, ..Default::default() };
         if options.dry_run {
             let plan = self.plan(cutoff, options).await?;
@@ -203,6 +212,23 @@ impl Store {
             "gc run finished"
         );
         Ok(report)
+    }
+
+    /// The store's clock, now: the modification time it gives an object written now, read
+    /// back by listing, the way the marks read every other object's. The grace period is
+    /// measured against timestamps the store set, so with its clock, not this host's: a
+    /// replica whose clock runs ahead by more than the grace would otherwise collect
+    /// content uploaded a moment ago (chunks whose commit is on its way), as the registry
+    /// did before (registry/tests/s3_gc_replicas.rs). Where the store keeps whole seconds,
+    /// both sides are truncated alike, which only keeps more.
+    async fn store_now(&self) -> Result<SystemTime> {
+        let key = keys::gc_probe(&format!("clock-{}", hex::encode(rand::random::<[u8; 8]>())));
+        self.objects.put(&key, PutPayload::from_static(b"what time is it")).await?;
+        let listed = self.list_meta(keys::GC_PROBES).await;
+        let _ = self.objects.delete(&key).await;
+        let written = listed?.into_iter().find(|m| m.location == key);
+        let written = written.ok_or_else(|| super::corrupt(&key, "not listed after it was written"))?;
+        Ok(SystemTime::from(written.last_modified))
     }
 
     async fn run_sweep(

@@ -143,6 +143,14 @@ impl ChunkIndex {
         self.seen.extend(packs.iter().cloned());
     }
 
+    /// Lets a refresh read `packs` again (their sweep ended: they are deleted, or their
+    /// run died and left them, live chunks included).
+    pub(crate) fn unforget_packs(&mut self, packs: &[PackId]) {
+        for pack in packs {
+            self.seen.remove(pack);
+        }
+    }
+
     /// Drops the read-only locations [`ChunkIndex::forget_packs`] kept, once no sweep is
     /// open (their packs are deleted).
     pub(crate) fn drop_doomed(&mut self) {

@@ -38,6 +38,7 @@ pub(crate) const NODES: &str = "nodes";
 pub(crate) const GC_LEASES: &str = "gc/serving";
 pub(crate) const GC_LOCK: &str = "gc/lock";
 pub(crate) const GC_SWEEPS: &str = "gc/sweeps";
+pub(crate) const GC_PROBES: &str = "gc/probe";
 
 pub(crate) fn gc_lease(name: &str) -> Path {
     Path::from(format!("{GC_LEASES}/{name}"))
@@ -52,7 +53,7 @@ pub(crate) fn gc_sweep(epoch: u64, done: bool) -> Path {
 }
 
 pub(crate) fn gc_probe(name: &str) -> Path {
-    Path::from(format!("gc/probe/{name}"))
+    Path::from(format!("{GC_PROBES}/{name}"))
 }
 
 pub(crate) fn pack(id: &PackId) -> Path {
