@@ -38,6 +38,8 @@ const BACKGROUND_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// registry must not leave a VM waiting on the client's own (much longer) read timeout.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A chunk wanted, with its length.
+type Wanted = (ChunkId, u32);
 /// Verified chunk bytes by id.
 type Chunks = HashMap<ChunkId, Arc<Vec<u8>>>;
 type Batch = Shared<BoxFuture<'static, Result<Arc<Chunks>, Arc<String>>>>;
@@ -279,7 +281,7 @@ impl MemoryFill {
     /// Gets `ids`: from cached snapshots where held (checked), else from the registry
     /// (checked by decoding against the id).
     async fn fetch(self: &Arc<Self>, ids: &[(ChunkId, u32)]) -> Result<Chunks, String> {
-        let (local, remote): (Vec<(ChunkId, u32)>, Vec<(ChunkId, u32)>) =
+        let (local, remote): (Vec<Wanted>, Vec<Wanted>) =
             ids.iter().copied().partition(|(id, _)| self.local.contains_key(id));
         let mut out = Chunks::new();
         let mut from_registry: Vec<ChunkId> = remote.iter().map(|(id, _)| *id).collect();
