@@ -327,3 +327,63 @@ async fn a_crash_mid_lazy_restore_leaves_the_cache_consistent() {
     let eager = node.ensure(&reference).await;
     support::assert_files(&eager, &snap.data);
 }
+
+/// Waits until the registry's node directory shows `node` holding all of `digest` (not
+/// only announcing it in progress) with a peer endpoint.
+async fn wait_for_holdings(host: &str, node: &str, digest: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let url = format!("http://{host}/v2/_thaw/nodes");
+        let d: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        let found = d["nodes"].as_array().is_some_and(|nodes| {
+            nodes.iter().any(|n| {
+                n["node"] == node
+                    && n["peerEndpoint"].is_string()
+                    && n["snapshots"].as_array().is_some_and(|s| {
+                        s.iter().any(|s| s["digest"] == digest && s["cachedBytes"] == s["sizeBytes"])
+                    })
+            })
+        });
+        if found {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{node} never published {digest}: {d}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_restore_takes_its_pages_from_a_peer_before_the_registry() {
+    let registry = RegistryProcess::start().await;
+    let host = registry.host();
+    let pages = 4096;
+    let snap = push(&host, "fn/peer:v1", SnapshotData::new(pages, 128, 44)).await;
+    let memory = Arc::new(snap.data.memory.clone());
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("peer-token");
+    std::fs::write(&token, "test-cluster-token-0123456789\n").unwrap();
+    let token = token.display().to_string();
+    let args = ["--peer-token-file", token.as_str(), "--peer-listen", "auto"];
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = NodeCache::start_with(&host, dirs.0.path(), 1 << 30, "node-a", &args).await;
+    let b = NodeCache::start_with(&host, dirs.1.path(), 1 << 30, "node-b", &args).await;
+    let held = a.ensure(&snap.reference).await;
+    let digest = held["digest"].as_str().unwrap().to_owned();
+    wait_for_holdings(&host, "node-a", &digest).await;
+
+    let answer = ensure_lazy(&b, &snap.reference).await;
+    let vm = Arc::new(
+        FirecrackerStandIn::load(answer["memory_socket"].as_str().unwrap().as_ref(), memory.len(), &[])
+            .expect("handshake"),
+    );
+    touch_and_check(&vm, &memory, (0..pages).map(|p| p * PAGE).collect(), 2, PAGES_DEADLINE);
+    wait_cached(&b, &digest).await;
+    let text = metrics(&b).await;
+    let from_peers = metric(&text, "thaw_lazy_bytes_total{source=\"peers\"}");
+    let from_registry = metric(&text, "thaw_lazy_bytes_total{source=\"registry\"}");
+    assert!(from_peers > 0, "no memory came from the peer holding the snapshot");
+    assert_eq!(from_registry, 0, "memory came from the registry though a peer held all of it");
+    let hit = b.ensure(&snap.reference).await;
+    assert_eq!(hit["hit"], true);
+    support::assert_files(&hit, &snap.data);
+}

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use thaw_client::blob::{self, BlobTarget, LocalChunk};
+use thaw_client::blob::{self, BlobTarget, ChunkSource, LocalChunk};
 use thaw_client::manifest::{file_layers, FileLayer, ManifestDoc};
 use thaw_client::{FetchedManifest, Reference};
 use thaw_schema::cache_api::{BytesBySource, EnsureResponse};
@@ -34,6 +34,7 @@ use crate::fsutil::{self, allocated_bytes};
 use crate::index::{ChunkLocation, FileRecord, LeaseRecord, SnapshotRecord};
 use crate::lazy::fill::{LocalCopy, Remote};
 use crate::lazy::{MemoryFill, Restoring, SOCKET_NAME};
+use crate::peer::fetch::{candidates, PeerSource, DIRECTORY_TIMEOUT};
 
 /// How long a hit waits for the memory file's recipe before answering with the file.
 const RECIPE_WAIT: Duration = Duration::from_secs(2);
@@ -287,8 +288,11 @@ impl Cache {
                 Some((id, LocalCopy { path: c.path.as_ref().clone(), offset: c.offset }))
             })
             .collect();
-        let remote =
-            Remote { registry: self.registry.clone(), repository: reference.repository().to_owned() };
+        let remote = Remote {
+            peers: self.lazy_peers(reference, digest).await,
+            registry: self.registry.clone(),
+            repository: reference.repository().to_owned(),
+        };
         let fill =
             Arc::new(MemoryFill::filling(memory_recipe, file, local, remote, self.lazy.metrics.clone()));
         let files = layers
@@ -314,6 +318,39 @@ impl Cache {
         let cache = self.clone();
         tokio::spawn(async move { cache.complete_lazy(pending).await });
         resp
+    }
+
+    /// With P2P on, the peers to ask for the memory file's chunks before the registry: the
+    /// nodes holding this snapshot, then those holding another of its repository. Unlike an
+    /// eager restore, a lazy one does not wait to gather a swarm: a VM is waiting.
+    async fn lazy_peers(&self, reference: &Reference, digest: Sha256Digest) -> Option<Arc<dyn ChunkSource>> {
+        if !self.config.peer.enabled() {
+            return None;
+        }
+        let directory = match tokio::time::timeout(DIRECTORY_TIMEOUT, self.registry.node_directory()).await {
+            Ok(Ok(d)) => d,
+            _ => {
+                tracing::warn!("no node directory in time; a lazy restore fetches from the registry alone");
+                return None;
+            }
+        };
+        let peers = candidates(
+            &directory,
+            &self.config.node_name,
+            self.config.peer_endpoint.as_deref(),
+            reference.registry(),
+            reference.repository(),
+            &digest,
+        );
+        tracing::debug!(peers = ?peers.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), "lazy restore: peers to ask");
+        (!peers.is_empty()).then(|| {
+            Arc::new(PeerSource::new(
+                peers,
+                self.peer_http.clone(),
+                self.config.peer.clone(),
+                self.peers.clone(),
+            )) as Arc<dyn ChunkSource>
+        })
     }
 
     /// Writes every file but the memory file into `work`, each verified.
@@ -471,6 +508,7 @@ impl Cache {
             %digest,
             recorded,
             local = c.local_bytes.load(Ordering::Relaxed),
+            peers = c.peer_bytes.load(Ordering::Relaxed),
             registry = c.registry_bytes.load(Ordering::Relaxed),
             "lazy restore finished"
         );

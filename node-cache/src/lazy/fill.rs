@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt as _, Shared};
 use futures::StreamExt as _;
+use thaw_client::blob::ChunkSource;
 use thaw_client::Registry;
 use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
 use tokio::sync::Semaphore;
@@ -57,8 +58,10 @@ pub(crate) struct LocalCopy {
     pub(crate) offset: u64,
 }
 
-/// Where missing chunks are fetched from.
+/// Where missing chunks are fetched from: peers holding the snapshot (when P2P is on),
+/// then the registry.
 pub(crate) struct Remote {
+    pub(crate) peers: Option<Arc<dyn ChunkSource>>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) repository: String,
 }
@@ -67,6 +70,7 @@ pub(crate) struct Remote {
 #[derive(Debug, Default)]
 pub(crate) struct FillCounters {
     pub(crate) local_bytes: AtomicU64,
+    pub(crate) peer_bytes: AtomicU64,
     pub(crate) registry_bytes: AtomicU64,
 }
 
@@ -307,6 +311,7 @@ impl MemoryFill {
                 match bytes {
                     Some(b) => {
                         self.counters.local_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        self.metrics.local_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                         out.insert(id, Arc::new(b));
                     }
                     None => {
@@ -316,8 +321,24 @@ impl MemoryFill {
                 }
             }
         }
+        if from_registry.is_empty() {
+            return Ok(out);
+        }
+        let remote = self.remote.as_ref().ok_or("a complete memory file lacks a chunk")?;
+        if let Some(peers) = &remote.peers {
+            let asked: Vec<Wanted> = remote_ids(ids, &from_registry);
+            // The peer source checks every chunk; checked again here, at this boundary.
+            for (id, bytes) in peers.fetch(self.recipe.digest, &asked).await {
+                let wanted_len = asked.iter().find(|(a, _)| *a == id).map(|(_, l)| *l as usize);
+                if wanted_len == Some(bytes.len()) && !out.contains_key(&id) && ChunkId::of(&bytes) == id {
+                    self.counters.peer_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.metrics.peer_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    out.insert(id, Arc::new(bytes));
+                }
+            }
+            from_registry.retain(|id| !out.contains_key(id));
+        }
         if !from_registry.is_empty() {
-            let remote = self.remote.as_ref().ok_or("a complete memory file lacks a chunk")?;
             let frames = remote
                 .registry
                 .fetch_chunks(&remote.repository, &self.recipe.digest, &from_registry)
@@ -335,6 +356,7 @@ impl MemoryFill {
             .map_err(|e| format!("decode task: {e}"))??;
             for (id, bytes) in decoded {
                 self.counters.registry_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.metrics.registry_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 out.insert(id, Arc::new(bytes));
             }
         }
@@ -411,4 +433,9 @@ impl MemoryFill {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// The entries of `ids` named in `wanted`, with their lengths.
+fn remote_ids(ids: &[Wanted], wanted: &[ChunkId]) -> Vec<Wanted> {
+    ids.iter().filter(|(id, _)| wanted.contains(id)).copied().collect()
 }

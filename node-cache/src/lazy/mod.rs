@@ -54,6 +54,9 @@ pub(crate) struct LazyMetrics {
     units: AtomicU64,
     unit_micros: AtomicU64,
     pub(crate) fetch_failures: AtomicU64,
+    pub(crate) local_bytes: AtomicU64,
+    pub(crate) peer_bytes: AtomicU64,
+    pub(crate) registry_bytes: AtomicU64,
     restores: AtomicU64,
     completed: AtomicU64,
 }
@@ -167,6 +170,14 @@ impl LazyRestores {
             "Chunk fetches for memory being served that failed (retried), by faults or the background fill.",
             &m.fetch_failures,
         );
+        out.push_str("# HELP thaw_lazy_bytes_total Memory bytes of lazy restores, verified, by source.\n");
+        out.push_str("# TYPE thaw_lazy_bytes_total counter\n");
+        for (source, v) in
+            [("local", &m.local_bytes), ("peers", &m.peer_bytes), ("registry", &m.registry_bytes)]
+        {
+            let _ =
+                writeln!(out, "thaw_lazy_bytes_total{{source=\"{source}\"}} {}", v.load(Ordering::Relaxed));
+        }
         out
     }
 }
