@@ -10,14 +10,18 @@ mod support;
 #[path = "support/firecracker_stand_in.rs"]
 mod firecracker_stand_in;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use firecracker_stand_in::{FirecrackerStandIn, PAGE};
 use serde_json::{json, Value};
-use support::common::Rng;
+use support::common::{serve_raw, RawRequest, RawResponse, Rng};
 use support::{push, NodeCache, RegistryProcess, SnapshotData};
+use thaw_schema::batch::{encode_entry, BATCH_MAGIC};
+use thaw_schema::dto::decode_chunk_id_query;
+use thaw_schema::frame::EncodedChunk;
+use thaw_schema::ChunkId;
 
 /// Longest a test waits for a set of pages before it fails.
 const PAGES_DEADLINE: Duration = Duration::from_secs(120);
@@ -386,4 +390,101 @@ async fn a_lazy_restore_takes_its_pages_from_a_peer_before_the_registry() {
     let hit = b.ensure(&snap.reference).await;
     assert_eq!(hit["hit"], true);
     support::assert_files(&hit, &snap.data);
+}
+
+/// A fake peer answering every chunk request with well-formed frames of the right lengths
+/// holding the wrong bytes; counts the requests.
+async fn lying_peer(lens: Arc<std::collections::HashMap<ChunkId, u32>>, asked: Arc<AtomicUsize>) -> String {
+    serve_raw(Arc::new(move |req: &RawRequest| {
+        asked.fetch_add(1, Ordering::SeqCst);
+        let mut body = BATCH_MAGIC.to_vec();
+        for id in decode_chunk_id_query(&req.body).unwrap_or_default() {
+            let len = lens.get(&id).copied().unwrap_or(4096) as usize;
+            let fake: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            encode_entry(&mut body, &id, &EncodedChunk::compress(&fake, 1));
+        }
+        RawResponse {
+            status: 200,
+            headers: vec![("content-type", "application/vnd.thaw.chunks.v1".into())],
+            body,
+            declared: None,
+        }
+    }))
+    .await
+}
+
+/// A fake peer that accepts connections and never answers; counts the connections.
+async fn stalling_peer(asked: Arc<AtomicUsize>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            asked.fetch_add(1, Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_and_stalling_peers_never_deliver_a_wrong_page() {
+    let registry = RegistryProcess::start().await;
+    let host = registry.host();
+    let pages = 4096;
+    let snap = push(&host, "fn/liars:v1", SnapshotData::new(pages, 128, 55)).await;
+    let memory = Arc::new(snap.data.memory.clone());
+    let lens: Arc<std::collections::HashMap<ChunkId, u32>> = Arc::new(
+        support::recipes(&snap.reference)
+            .await
+            .iter()
+            .flat_map(|r| r.entries.iter())
+            .filter_map(|e| e.chunk_id().map(|id| (*id, e.byte_len())))
+            .collect(),
+    );
+    let asked: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::default()).collect();
+    let endpoints = [lying_peer(lens, asked[0].clone()).await, stalling_peer(asked[1].clone()).await];
+    let digest = {
+        let reference = thaw_client::Reference::parse(&snap.reference).unwrap();
+        let client = support::common::client_for(&reference);
+        client.get_manifest(reference.repository(), "v1").await.unwrap().digest.to_string()
+    };
+    // Both claim to hold the whole snapshot in the node directory.
+    for (name, endpoint) in ["liar-bytes", "liar-stall"].iter().zip(&endpoints) {
+        let body = json!({"node": name, "peerEndpoint": endpoint, "capacityBytes": 1u64 << 30, "usedBytes": 0,
+            "snapshots": [{"reference": snap.reference, "digest": digest, "sizeBytes": 1000, "cachedBytes": 1000}]});
+        let r = reqwest::Client::new()
+            .put(format!("http://{host}/v2/_thaw/nodes/{name}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "PUT node {name}: {}", r.status());
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("peer-token");
+    std::fs::write(&token, "test-cluster-token-0123456789\n").unwrap();
+    let token = token.display().to_string();
+    let args = ["--peer-token-file", token.as_str(), "--peer-timeout-ms", "1500"];
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeCache::start_with(&host, dir.path(), 1 << 30, "node-b", &args).await;
+
+    let answer = ensure_lazy(&node, &snap.reference).await;
+    let vm = Arc::new(
+        FirecrackerStandIn::load(answer["memory_socket"].as_str().unwrap().as_ref(), memory.len(), &[])
+            .expect("handshake"),
+    );
+    touch_and_check(&vm, &memory, access_trace(pages, 3), 4, PAGES_DEADLINE);
+    touch_and_check(&vm, &memory, (0..pages).map(|p| p * PAGE).collect(), 2, PAGES_DEADLINE);
+    let seen: Vec<usize> = asked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+    assert!(seen.iter().all(|n| *n >= 1), "both bad peers were asked: {seen:?}");
+    let text = metrics(&node).await;
+    assert_eq!(
+        metric(&text, "thaw_lazy_bytes_total{source=\"peers\"}"),
+        0,
+        "a lying peer's bytes were taken"
+    );
+    assert!(metric(&text, "thaw_lazy_bytes_total{source=\"registry\"}") > 0);
+    wait_cached(&node, &digest).await;
+    support::assert_files(&node.ensure(&snap.reference).await, &snap.data);
 }
