@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use super::fill::MemoryFill;
 use super::handshake::{self, Region};
@@ -27,6 +27,10 @@ use super::LazyMetrics;
 
 /// How long a VMM that connected may take to send its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once on one lease's socket (one VM is the rule; a retried load
+/// may briefly make two): a local client cannot tie up more than this many threads and
+/// event loops.
+const MAX_CONNECTIONS: usize = 4;
 /// Longest pause between two tries to fetch a unit that failed.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
@@ -43,15 +47,21 @@ pub(crate) async fn serve_socket(
     metrics: Arc<LazyMetrics>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    let Ok(slot) = connections.clone().try_acquire_owned() else {
+                        tracing::warn!("page server: {MAX_CONNECTIONS} VMs already connected to one lease's socket; refusing another");
+                        continue;
+                    };
                     let (fill, metrics, stop) = (fill.clone(), metrics.clone(), stop.clone());
                     tokio::spawn(async move {
                         if let Err(e) = serve_vm(stream, fill, metrics, stop).await {
                             tracing::warn!(error = %e, "page server: a VM's connection failed");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -300,15 +310,25 @@ async fn fill_range(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
 
 async fn fill_run(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
     let page = vm.page();
-    // Huge pages have no UFFDIO_ZEROPAGE: their zeros are copied.
-    let zeros;
-    let data = match data {
-        None if page > 4096 => {
-            zeros = vec![0u8; len as usize];
-            Some(zeros.as_slice())
+    if data.is_none() && page > 4096 {
+        // Huge pages have no UFFDIO_ZEROPAGE: their zeros are copied, a page at a time (a
+        // zero run may be long; one page of zeros is all the memory it takes).
+        let zeros = vec![0u8; page as usize];
+        let mut all = true;
+        let mut at = 0;
+        while at < len {
+            all &= fill_exact(vm, dst + at, Some(&zeros), page).await;
+            at += page;
         }
-        d => d,
-    };
+        return all;
+    }
+    fill_exact(vm, dst, data, len).await
+}
+
+/// Fills `[dst, dst + len)` with `data` (`UFFDIO_ZEROPAGE` when `None`), resuming after
+/// partial copies and pages already present, waiting out pending remove events.
+async fn fill_exact(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
+    let page = vm.page();
     let mut done = 0u64;
     let mut busy_tries = 0u32;
     while done < len {
