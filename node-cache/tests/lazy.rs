@@ -179,6 +179,9 @@ async fn every_page_served_by_fault_is_the_memory_files_and_the_snapshot_complet
         "cached snapshot by fault: {units} units, mean service {} µs from first fault to fill",
         delta("thaw_lazy_unit_service_microseconds_total") / units
     );
+    // The leases' copies and the recorded snapshot are all accounted for.
+    let disk = node.get("/v1/disk").await;
+    assert_eq!(disk["allocated_on_disk"], disk["used_by_index"], "disk usage and the index disagree: {disk}");
     node.release(again["lease"].as_str().unwrap()).await;
     node.release(answer["lease"].as_str().unwrap()).await;
 }
