@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use thaw_schema::cache_api::{EnsureRequest, PublishRequest, ReleaseRequest, RenewRequest, RenewResponse};
+use thaw_schema::cache_api::{
+    EnsureRequest, MemoryMode, PublishRequest, ReleaseRequest, RenewRequest, RenewResponse,
+};
 
 use crate::cache::Cache;
 use crate::error::{CacheError, Result};
@@ -43,7 +45,11 @@ async fn list(State(cache): State<Arc<Cache>>) -> Response {
 
 async fn ensure(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
     let req: EnsureRequest = parse(&body)?;
-    Ok(Json(cache.ensure(&req.reference).await?).into_response())
+    let answer = match req.memory {
+        MemoryMode::File => cache.ensure(&req.reference).await?,
+        MemoryMode::Uffd => cache.ensure_lazy(&req.reference).await?,
+    };
+    Ok(Json(answer).into_response())
 }
 
 async fn release(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
@@ -78,6 +84,6 @@ async fn disk(State(cache): State<Arc<Cache>>) -> Result<Response> {
 }
 
 async fn metrics(State(cache): State<Arc<Cache>>) -> Response {
-    let text = cache.metrics.render() + &cache.peers.render();
+    let text = cache.metrics.render() + &cache.peers.render() + &cache.lazy.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -20,6 +20,7 @@ mod fsutil;
 pub mod holdings;
 mod index;
 pub mod kube_publisher;
+mod lazy;
 mod metrics;
 pub mod peer;
 mod swarm;

@@ -14,6 +14,30 @@ pub struct EnsureRequest {
     /// The snapshot: `host/repo:tag`, `host/repo@sha256:…`, or without a host for the
     /// cache's registry.
     pub reference: String,
+    /// How guest memory is handed out: a file (the default), or a page-fault server
+    /// (`"uffd"`, ensure only) that answers before the memory file is complete.
+    #[serde(default, skip_serializing_if = "MemoryMode::is_file")]
+    pub memory: MemoryMode,
+}
+
+/// How `ensure` hands out a snapshot's guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// As the memory file, complete and verified, in `files.memory`.
+    #[default]
+    File,
+    /// As a Unix socket serving Firecracker's userfaultfd handshake (`memory_socket`),
+    /// for `mem_backend: {"backend_type": "Uffd"}`: the answer comes as soon as the
+    /// vmstate, info and disk files are ready, and pages are filled as the VM touches them.
+    Uffd,
+}
+
+impl MemoryMode {
+    /// Whether this is the default, [`MemoryMode::File`].
+    pub fn is_file(&self) -> bool {
+        *self == Self::File
+    }
 }
 
 /// Answer of `POST /v1/snapshots/ensure`.
@@ -37,6 +61,10 @@ pub struct EnsureResponse {
     pub millis: u64,
     /// True when the snapshot was already cached.
     pub hit: bool,
+    /// With `"memory": "uffd"`: the Unix socket Firecracker's `mem_backend.backend_path`
+    /// names. `files.memory` is then present only when the snapshot was already cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_socket: Option<String>,
 }
 
 /// Bytes of a materialization by where they came from (uncompressed chunk bytes; zero

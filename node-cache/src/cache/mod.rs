@@ -39,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::peer::{PeerBook, PeerOptions};
 
 mod evict;
+mod lazy;
 mod materialize;
 mod peer_io;
 mod publish;
@@ -158,6 +159,8 @@ pub struct Cache {
     pub(crate) uploads_per_peer: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
     /// The HTTP client for peers.
     pub(crate) peer_http: reqwest::Client,
+    /// Lazy restores in progress and their page servers (`lazy.rs`).
+    pub(crate) lazy: crate::lazy::LazyRestores,
 }
 
 fn now_ms() -> u64 {
@@ -266,6 +269,7 @@ impl Cache {
             swarm: Arc::default(),
             uploads: Arc::new(tokio::sync::Semaphore::new(config.peer.max_uploads.max(1))),
             uploads_per_peer: Mutex::default(),
+            lazy: crate::lazy::LazyRestores::default(),
             peer_http: thaw_client::tls::configure_client(
                 reqwest::Client::builder().pool_max_idle_per_host(4),
                 config.peer.tls_ca.as_slice(),
@@ -506,6 +510,7 @@ impl Cache {
             bytes: BytesBySource::default(),
             millis: started.elapsed().as_millis() as u64,
             hit: true,
+            memory_socket: None,
         }))
     }
 
@@ -664,6 +669,7 @@ impl Cache {
     }
 
     fn end_lease(&self, id: &str) {
+        self.lazy.lease_ended(id);
         {
             let mut st = self.state.lock().expect("state lock");
             st.leases.remove(id);
