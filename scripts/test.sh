@@ -6,24 +6,26 @@
 #   2. fmt                cargo fmt --all --check
 #   3. clippy             every target, warnings are errors
 #   4. schema-purity      thaw-schema's normal dependencies include no runtime/HTTP/storage/kube crate
-#   5. test               cargo test --workspace --locked: unit, integration and interop tests, the
+#   5. corpus             integration/corpus/make-corpus.sh --quick: real guest snapshots (QEMU
+#                         guests, made once into target/corpus-quick) for the cluster tests and
+#                         bench-smoke
+#   6. test               cargo test --workspace --locked: unit, integration and interop tests, the
 #                         cluster tests (integration/tests/cluster.rs, extender/tests/e2e.rs: a real
 #                         etcd + kube-apiserver + kube-scheduler on loopback), and the S3 tests
 #                         (storage conformance on memory/filesystem/MinIO, round trips, replicas,
 #                         faults), each test binary with its own MinIO on loopback, and a
 #                         distributed 4-process MinIO losing a node under two registry replicas
-#   6. test-s3            the registry's black-box suites again with every registry on MinIO
+#   7. test-s3            the registry's black-box suites again with every registry on MinIO
 #                         (THAW_TEST_STORAGE=s3): conformance, bad input, dedup
-#   7. bench-smoke        the benchmark runner at --quick scale on the quick corpus (real QEMU
-#                         guests, made once into target/corpus-quick): thaw, oras-py +
+#   8. bench-smoke        the benchmark runner at --quick scale on the quick corpus: thaw, oras-py +
 #                         docker-registry and whole-file S3 in one run, every restore checked
 #                         byte for byte, then the load test at --quick scale (16 clients, zero
 #                         errors and zero corrupt pulls required); nothing timed is asserted
-#   8. deploy-check       deploy/check.sh against a throwaway control plane (etcd, kube-apiserver,
+#   9. deploy-check       deploy/check.sh against a throwaway control plane (etcd, kube-apiserver,
 #                         kube-scheduler built by install-test-deps from the Go module proxy):
 #                         kubectl parses every manifest, structural checks of what thaw relies
 #                         on, then `kubectl apply --dry-run=server` of every manifest
-#   9. fuzz-smoke         scripts/fuzz.sh 10: every cargo-fuzz target (fuzz/) replays its saved
+#  10. fuzz-smoke         scripts/fuzz.sh 10: every cargo-fuzz target (fuzz/) replays its saved
 #                         crashes, then fuzzes 10 s from its seeds; any crash fails the run
 #
 # Exits non-zero at the first failing stage; prints how long each stage took either way.
@@ -117,6 +119,12 @@ fi
 echo "thaw-schema: $(wc -l <<<"$schema_deps") crates in its normal dependency tree, none forbidden"
 end
 
+begin corpus "integration/corpus/make-corpus.sh --quick"
+# Skips snapshots already built with the same settings; installs the Debian packages it needs
+# (qemu-system-x86, a guest kernel, busybox) only when missing.
+bash integration/corpus/make-corpus.sh --quick </dev/null
+end
+
 begin test "cargo test --workspace --locked"
 test_log=$(mktemp)
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$test_log"
@@ -127,10 +135,7 @@ THAW_TEST_STORAGE=s3 cargo test -p thaw-registry --locked --no-fail-fast \
   --test conformance --test bad_input --test dedup_storage 2>&1 | tee -a "$test_log"
 end
 
-begin bench-smoke "corpus --quick, then bench --quick and loadtest --quick"
-# make-corpus.sh skips snapshots already built with the same settings, and installs the
-# Debian packages it needs (qemu-system-x86, a guest kernel, busybox) only when missing.
-bash integration/corpus/make-corpus.sh --quick </dev/null
+begin bench-smoke "bench --quick and loadtest --quick on the quick corpus"
 # The test stage built the runner and the thaw and thaw-registry binaries it drives (each
 # package with integration tests gets its binaries built), with the workspace's unified
 # features: run them as they are rather than rebuild with `cargo run -p`'s feature set.

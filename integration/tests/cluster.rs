@@ -1,10 +1,12 @@
 //! thaw on a real Kubernetes control plane (integration/src/control_plane.rs): etcd,
 //! kube-apiserver and kube-scheduler built from their Go modules, deploy/ applied as an
-//! operator applies it, four Ready nodes, a thaw-registry with pushed snapshots, four real
-//! `thaw-node-cache` processes publishing their `NodeSnapshotCache` with `--holdings kube`,
-//! each with its own node's pod-bound service-account token, and the real `thaw-extender`
-//! with `--holdings kube` registered with kube-scheduler by deploy/scheduler/. The tests
-//! create pods as Knative creates them and assert where kube-scheduler binds them.
+//! operator applies it, four Ready nodes, the real `thaw-registry` binary on MinIO with pushed
+//! snapshots, four real `thaw-node-cache` processes publishing their `NodeSnapshotCache` with
+//! `--holdings kube` and serving each other chunks (P2P with a cluster token, as
+//! deploy/node-cache.yaml runs them), each with its own node's pod-bound service-account
+//! token, and the real `thaw-extender` with `--holdings kube` registered with kube-scheduler
+//! by deploy/scheduler/. The tests create pods as Knative creates them and assert where
+//! kube-scheduler binds them.
 //!
 //! One cluster serves every test of this file (starting one takes seconds); the tests take
 //! turns (each places pods on the same four nodes) and each uses its own snapshots, so the
@@ -12,14 +14,20 @@
 
 #[path = "../../push-pull/tests/common/mod.rs"]
 mod common;
+#[path = "../../registry/tests/common/minio.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod minio;
 
 use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{SnapshotData, ThawRegistry, PAGE};
+use common::{SnapshotData, PAGE};
 use serde_json::{json, Value};
 use thaw_client::{PushOptions, Reference};
 use thaw_integration::control_plane::{free_port, workspace_binary, ControlPlane, Guarded};
@@ -45,7 +53,12 @@ const BIND_TIMEOUT: Duration = Duration::from_secs(30);
 struct Cluster {
     plane: Mutex<ControlPlane>,
     rt: tokio::runtime::Runtime,
-    registry: ThawRegistry,
+    /// In front of the thaw-registry process: its address is the registry's (the tests',
+    /// the node caches' and the extender's), as a Service's would be.
+    gate: FetchGate,
+    _registry: Guarded,
+    /// The registry's storage; stopped with the test process (its wrapper sees the pipe close).
+    _minio: minio::Minio,
     node_caches: BTreeMap<&'static str, NodeCache>,
     extender: Mutex<Option<Guarded>>,
     extender_addr: String,
@@ -121,8 +134,23 @@ impl Cluster {
         }
 
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let registry = rt.block_on(ThawRegistry::start());
-        let host = registry.host();
+        // thaw-registry on MinIO, run as deploy/registry.yaml runs it (--listen, --storage
+        // s3://…, the AWS_* variables from its Secret).
+        let minio = minio::Minio::start();
+        let registry_addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(workspace_binary("thaw-registry", "thaw-registry"));
+        cmd.args(["--listen", &registry_addr, "--storage", &minio.storage_url("cluster")])
+            .env("THAW_LOG", "info");
+        for (k, v) in minio.env() {
+            cmd.env(k, v);
+        }
+        let registry = Guarded::spawn("thaw-registry", &cmd, &plane.dir().join("thaw-registry.log"));
+        wait_http_ok(&format!("http://{registry_addr}/v2/"), "thaw-registry");
+        let gate = FetchGate::start(&registry_addr);
+        let host = gate.addr.clone();
+        // The cluster token the node caches present to each other (deploy/'s thaw-peer-token).
+        let peer_token = plane.dir().join("peer-token");
+        std::fs::write(&peer_token, "cluster-test-peer-token-0123456789\n").unwrap();
 
         // Each node cache authenticates as deploy/'s thaw-node-cache service account with the
         // token kubelet would project into its pod on that node: bound to the pod, so it
@@ -154,6 +182,7 @@ impl Cluster {
             let kubeconfig = plane.kubeconfig_for_token(node, token.trim());
             let dir = tempfile::tempdir().unwrap();
             let addr = format!("127.0.0.1:{}", free_port());
+            let peer_addr = format!("127.0.0.1:{}", free_port());
             let mut cmd = Command::new(&node_cache_bin);
             cmd.args(["--registry", &format!("http://{host}")])
                 .arg("--cache-dir")
@@ -167,7 +196,11 @@ impl Cluster {
                     node,
                     "--holdings",
                     "kube",
+                    "--peer-listen",
+                    &peer_addr,
                 ])
+                .arg("--peer-token-file")
+                .arg(&peer_token)
                 .env("KUBECONFIG", &kubeconfig)
                 .env("THAW_LOG", "info");
             let process = Guarded::spawn(
@@ -187,7 +220,9 @@ impl Cluster {
         let c = Self {
             plane: Mutex::new(plane),
             rt,
-            registry,
+            gate,
+            _registry: registry,
+            _minio: minio,
             node_caches,
             extender: Mutex::new(None),
             extender_addr,
@@ -205,7 +240,7 @@ impl Cluster {
     fn start_extender(&self) {
         let mut cmd = Command::new(workspace_binary("thaw-extender", "thaw-extender"));
         cmd.args(["--listen", &self.extender_addr])
-            .args(["--registry", &format!("http://{}", self.registry.host())])
+            .args(["--registry", &format!("http://{}", self.host())])
             .args(["--holdings", "kube", "--cold-wait-ms", "50"])
             .env("KUBECONFIG", &self.extender_kubeconfig)
             .env("THAW_LOG", "info");
@@ -221,7 +256,7 @@ impl Cluster {
     }
 
     fn host(&self) -> String {
-        self.registry.host()
+        self.gate.addr.clone()
     }
 
     /// Pushes `data` as `repo:tag` on the test registry; answers the full reference.
@@ -232,6 +267,26 @@ impl Cluster {
         let registry = common::client_for(&reference);
         self.rt
             .block_on(thaw_client::push_dir(&registry, &reference, dir.path(), &PushOptions::default()))
+            .expect("push");
+        reference.to_string()
+    }
+
+    /// Pushes the corpus snapshot `label` (`function/revision` of the quick corpus that
+    /// integration/corpus/make-corpus.sh --quick makes, before the test stage of
+    /// scripts/test.sh) as `repo:tag`; answers the full reference.
+    fn push_corpus(&self, repo_tag: &str, label: &str) -> String {
+        let corpus = thaw_integration::control_plane::repo_root().join("target/corpus-quick");
+        let snapshots = thaw_integration::corpus::load(&corpus).unwrap_or_else(|e| {
+            panic!("the cluster tests push real guest snapshots: run integration/corpus/make-corpus.sh --quick ({e})")
+        });
+        let snapshot = snapshots
+            .iter()
+            .find(|s| s.label() == label)
+            .unwrap_or_else(|| panic!("no {label} in {}", corpus.display()));
+        let reference = Reference::parse(&format!("{}/{repo_tag}", self.host())).unwrap();
+        let registry = common::client_for(&reference);
+        self.rt
+            .block_on(thaw_client::push_dir(&registry, &reference, &snapshot.dir, &PushOptions::default()))
             .expect("push");
         reference.to_string()
     }
@@ -299,6 +354,115 @@ fn http_status(url: &str) -> std::io::Result<Option<u16>> {
     let mut head = [0u8; 12];
     s.read_exact(&mut head)?;
     Ok(std::str::from_utf8(&head[9..12]).ok().and_then(|c| c.parse().ok()))
+}
+
+/// A TCP relay in front of the registry that can hold back chunk fetches
+/// (`POST /v2/<name>/_thaw/chunks/fetch`) while it is closed, so that a test can catch a node
+/// cache in the middle of a materialization. Everything else passes at once, byte for byte:
+/// requests are read one at a time (head, then the body by `Content-Length` or chunked
+/// framing) only to see their paths; answers are copied as they come.
+struct FetchGate {
+    /// `127.0.0.1:PORT`, the address clients use as the registry's.
+    addr: String,
+    closed: Arc<AtomicBool>,
+}
+
+impl FetchGate {
+    fn start(upstream: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gate");
+        let addr = listener.local_addr().unwrap().to_string();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (upstream, gate_closed) = (upstream.to_owned(), closed.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (upstream, closed) = (upstream.clone(), gate_closed.clone());
+                std::thread::spawn(move || {
+                    // A connection that fails ends; its client retries as it would with any proxy.
+                    let _ = relay(client, &upstream, &closed);
+                });
+            }
+        });
+        Self { addr, closed }
+    }
+
+    /// Holds chunk fetches (those arriving while closed) until the answer is dropped, so a
+    /// test that fails while the gate is closed does not stall the tests after it.
+    fn close(&self) -> GateClosed<'_> {
+        self.closed.store(true, Ordering::SeqCst);
+        GateClosed(self)
+    }
+}
+
+/// The gate stays closed while this lives.
+struct GateClosed<'a>(&'a FetchGate);
+
+impl Drop for GateClosed<'_> {
+    fn drop(&mut self) {
+        self.0.closed.store(false, Ordering::SeqCst);
+    }
+}
+
+fn relay(client: TcpStream, upstream: &str, closed: &AtomicBool) -> std::io::Result<()> {
+    let server = TcpStream::connect(upstream)?;
+    let (mut answers, mut to_client) = (server.try_clone()?, client.try_clone()?);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut answers, &mut to_client);
+        let _ = to_client.shutdown(Shutdown::Write);
+    });
+    let mut requests = BufReader::new(client);
+    let mut to_server = server;
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let before = head.len();
+            if requests.read_until(b'\n', &mut head)? == 0 {
+                return to_server.shutdown(Shutdown::Write);
+            }
+            if &head[before..] == b"\r\n" {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let path = text.split_whitespace().nth(1).unwrap_or_default();
+        let header = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim_start_matches(':').trim().to_owned()))
+        };
+        let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+        let length: u64 = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if path.ends_with("/_thaw/chunks/fetch") {
+            while closed.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        to_server.write_all(&head)?;
+        if chunked {
+            // Each chunk: a size line, the data and its CRLF; the last (size 0) ends with the
+            // trailers and an empty line.
+            loop {
+                let mut size_line = Vec::new();
+                requests.read_until(b'\n', &mut size_line)?;
+                to_server.write_all(&size_line)?;
+                let size_text = String::from_utf8_lossy(&size_line);
+                let size = u64::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|e| std::io::Error::other(format!("chunk size {size_text:?}: {e}")))?;
+                if size == 0 {
+                    loop {
+                        let mut trailer = Vec::new();
+                        requests.read_until(b'\n', &mut trailer)?;
+                        to_server.write_all(&trailer)?;
+                        if trailer == b"\r\n" || trailer.is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                std::io::copy(&mut (&mut requests).take(size + 2), &mut to_server)?;
+            }
+        } else {
+            std::io::copy(&mut (&mut requests).take(length), &mut to_server)?;
+        }
+    }
 }
 
 /// A snapshot sharing no chunk with any other seed's (common::SnapshotData draws pages from
@@ -414,6 +578,25 @@ fn wait_published(plane: &ControlPlane, node: &str, held: &[&str], gone: &[&str]
     }
 }
 
+/// Waits until `found` picks something out of `node`'s published holdings
+/// (`status.snapshots` of its NodeSnapshotCache) and answers it.
+fn wait_holding<T>(plane: &ControlPlane, node: &str, what: &str, found: impl Fn(&[Value]) -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = plane
+            .kubectl(&["get", "nodesnapshotcache", node, "-o", "json"])
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|o| o["status"]["snapshots"].as_array().cloned())
+            .unwrap_or_default();
+        if let Some(t) = found(&listed) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{node}'s NodeSnapshotCache never listed {what}: {listed:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Lets the extender's watch catch up with published holdings and its profile cache learn
 /// `snapshots` (asked with a pod of each and no node holding anything: no herd pick).
 /// Waits until the extender has resolved and profiled each of `snapshots`: asks
@@ -465,25 +648,27 @@ fn counts(nodes: &[String]) -> BTreeMap<String, usize> {
 #[test]
 fn scheduler_binds_each_revision_to_the_node_with_the_highest_coverage() {
     with_cluster("highest_coverage", |c, plane| {
-        // Two revisions of one function, 3/8 of the memory rewritten between them.
-        let v1 = unique_snapshot(1024, 101);
-        let v2 = revision(&v1, 384, 102);
-        let r1 = c.push("fn/alpha:alpha-00001", &v1);
-        let r2 = c.push("fn/alpha:alpha-00002", &v2);
+        // Real guest snapshots: two revisions of one function and another function.
+        let r1 = c.push_corpus("fn/json:json-00001", "fn-json/v1");
+        let r2 = c.push_corpus("fn/json:json-00002", "fn-json/v2");
+        let r_other = c.push_corpus("fn/sqlite:sqlite-00001", "fn-sqlite/v1");
         let d1 = c.ensure("node-1", &r1);
         let d2 = c.ensure("node-2", &r2);
+        let d_other = c.ensure("node-3", &r_other);
         let nsc1 = wait_published(plane, "node-1", &[&d1], &[]);
         wait_published(plane, "node-2", &[&d2], &[]);
-        warm_extender(c, &[&r1, &r2]);
+        wait_published(plane, "node-3", &[&d_other], &[]);
+        warm_extender(c, &[&r1, &r2, &r_other]);
 
         let bound = create_and_bind(
             plane,
             &[
-                knative_pod("alpha-00002-a", "alpha", "alpha-00002", &r2),
-                knative_pod("alpha-00001-a", "alpha", "alpha-00001", &r1),
+                knative_pod("json-00002-a", "json", "json-00002", &r2),
+                knative_pod("json-00001-a", "json", "json-00001", &r1),
+                knative_pod("sqlite-00001-a", "sqlite", "sqlite-00001", &r_other),
             ],
         );
-        assert_eq!(bound, ["node-2", "node-1"], "each revision on the node holding it");
+        assert_eq!(bound, ["node-2", "node-1", "node-3"], "each revision on the node holding it");
 
         // The NodeSnapshotCache is owned by its Node, for garbage collection with it.
         let node = plane.get_json(&["node", "node-1"]);
@@ -637,5 +822,63 @@ fn after_an_eviction_the_next_pod_goes_elsewhere() {
         let bound =
             create_and_bind(plane, &[knative_pod("epsilon-00002-b", "epsilon", "epsilon-00002", &r1)]);
         assert_eq!(bound, ["node-1"], "after the eviction, the node holding most of it");
+    });
+}
+
+#[test]
+fn a_node_whose_holding_is_still_in_progress_is_not_preferred() {
+    with_cluster("in_progress", |c, plane| {
+        // node-1 holds revision 1; revision 2 rewrites half of the memory.
+        let v1 = unique_snapshot(2048, 501);
+        let v2 = revision(&v1, 1024, 502);
+        let r1 = c.push("fn/eta:eta-00001", &v1);
+        let r2 = c.push("fn/eta:eta-00002", &v2);
+        let d1 = c.ensure("node-1", &r1);
+        wait_published(plane, "node-1", &[&d1], &[]);
+        warm_extender(c, &[&r1, &r2]);
+
+        // node-3 starts materializing revision 2, but its chunk fetches from the registry are
+        // held: it announces revision 2 as in progress (`cachedBytes: 0`) and stays there.
+        let held = c.gate.close();
+        let url = format!("http://{}/v1/snapshots/ensure", c.node_caches["node-3"].addr);
+        let body = json!({ "reference": r2 });
+        let ensuring = c.rt.spawn(async move {
+            let r = reqwest::Client::new().post(&url).json(&body).send().await?;
+            r.error_for_status()?.json::<Value>().await
+        });
+        let in_progress = |snaps: &[Value]| {
+            snaps
+                .iter()
+                .find(|s| s["reference"] == r2.as_str() && s["cachedBytes"] == 0)
+                .map(|s| s["digest"].clone())
+        };
+        let d2 = wait_holding(plane, "node-3", "revision 2 in progress", in_progress);
+        // The extender's watch carries the change within its 100 ms coalescing.
+        std::thread::sleep(Duration::from_millis(1000));
+        let bound = create_and_bind(plane, &[knative_pod("eta-00002-a", "eta", "eta-00002", &r2)]);
+        assert!(!ensuring.is_finished(), "node-3's ensure ended while its chunk fetches were held");
+        assert_eq!(
+            bound,
+            ["node-1"],
+            "an in-progress holding counts for nothing: the node holding revision 1 holds most of it"
+        );
+
+        // Once node-3 completes it (and says so), the next pod goes there: the same holding,
+        // complete, outscores revision 1's partial coverage.
+        drop(held);
+        let ensured = c.rt.block_on(ensuring).expect("ensure task");
+        if let Err(e) = ensured {
+            // The held fetch may have outlived the client's patience; the node retries as an
+            // orchestrator would.
+            eprintln!("node-3's first ensure of revision 2 failed ({e}); ensuring again");
+            c.ensure("node-3", &r2);
+        }
+        let complete = |snaps: &[Value]| {
+            snaps.iter().any(|s| s["digest"] == d2 && s["cachedBytes"].as_u64() > Some(0)).then_some(())
+        };
+        wait_holding(plane, "node-3", "revision 2 complete", complete);
+        std::thread::sleep(Duration::from_millis(1000));
+        let bound = create_and_bind(plane, &[knative_pod("eta-00002-b", "eta", "eta-00002", &r2)]);
+        assert_eq!(bound, ["node-3"], "once complete, the node holding the revision");
     });
 }

@@ -397,6 +397,67 @@ async fn a_bad_password_flood_does_not_hold_up_honest_logins_or_pulls() {
 }
 
 #[tokio::test]
+async fn credentials_that_cannot_be_checked_in_time_get_a_retryable_503_not_a_401() {
+    // One credential thread and bcrypt cost 13 (about a second a check here): a flood of wrong
+    // passwords queues far more than CREDENTIAL_WAIT (10 s) of checks ahead of an honest login.
+    let users = format!("alice:{}\n", bcrypt::hash("alice-pw", 13).unwrap());
+    let r = Registry::start(&[("THAW_CREDENTIAL_THREADS", "1")], Some(&users)).await;
+    let flooding = Arc::new(AtomicBool::new(true));
+    let mut flood = Vec::new();
+    for i in 0..24 {
+        let (flooding, url) = (flooding.clone(), r.url("/v2/team/app/tags/list"));
+        let attacker = client_from("127.0.0.2");
+        flood.push(tokio::spawn(async move {
+            let mut n = 0;
+            while flooding.load(Ordering::Relaxed) {
+                n += 1;
+                let authz = basic("alice", &format!("guess-{i}-{n}"));
+                if let Ok(resp) = attacker.get(&url).header("authorization", authz).send().await {
+                    assert_ne!(resp.status(), StatusCode::OK, "a wrong password let the attacker in");
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Alice's right password, never checked before, on a request and at the token endpoint:
+    // nothing is known about it yet, so the answer must be one a client retries.
+    let honest = client_from("127.0.0.1");
+    let alice = basic("alice", "alice-pw");
+    let (request, token) = tokio::join!(
+        honest.get(r.url("/v2/team/app/tags/list")).header("authorization", &alice).send(),
+        honest
+            .get(r.url("/v2/_thaw/token?scope=repository:team/app:pull"))
+            .header("authorization", &alice)
+            .send(),
+    );
+    for (what, resp) in [("a request", request.unwrap()), ("the token endpoint", token.unwrap())] {
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "{what} while the checks are busy");
+        assert!(resp.headers().contains_key("retry-after"), "{what}: {:?}", resp.headers());
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], "UNAVAILABLE", "{what}: {body}");
+    }
+
+    // Once the flood ends, the same credentials get in (the 503 was only about the queue).
+    flooding.store(false, Ordering::Relaxed);
+    for task in flood {
+        task.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let resp =
+            honest.get(r.url("/v2/team/app/tags/list")).header("authorization", &alice).send().await.unwrap();
+        if resp.status() != StatusCode::SERVICE_UNAVAILABLE {
+            // No tags pushed: 404 NAME_UNKNOWN, past authentication.
+            assert_ne!(resp.status(), StatusCode::UNAUTHORIZED, "alice's password refused");
+            break;
+        }
+        assert!(Instant::now() < deadline, "credential checks still busy a minute after the flood");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
 async fn unknown_users_are_rejected_no_faster_than_known_ones() {
     let users = format!("alice:{}\n", bcrypt::hash("alice-pw", 10).unwrap());
     let r = Registry::start(&[], Some(&users)).await;

@@ -26,6 +26,10 @@ enum Caller {
     Anonymous,
     /// Credentials were sent but do not verify.
     Invalid(String),
+    /// Basic credentials were sent but no credential-check thread was free in time: nothing
+    /// is known about them, so the answer is a retryable 503, not a 401 (an honest client
+    /// must not fail because an attacker keeps the bcrypt threads busy).
+    Busy(String),
     Basic(String),
     Bearer(Claims),
 }
@@ -35,7 +39,7 @@ impl Caller {
         match self {
             Self::Basic(user) => Some(user),
             Self::Bearer(claims) => claims.user(),
-            Self::Anonymous | Self::Invalid(_) => None,
+            Self::Anonymous | Self::Invalid(_) | Self::Busy(_) => None,
         }
     }
 }
@@ -58,6 +62,9 @@ pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, mut request: Reques
     };
     let access = required_access(&route, request.method());
     let caller = identify(&auth, request.headers()).await;
+    if let Caller::Busy(why) = &caller {
+        return credentials_busy(why);
+    }
     if let Some(refusal) = decide(&auth, &caller, &access, request.headers()) {
         return refusal;
     }
@@ -77,7 +84,7 @@ pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, mut request: Reques
 fn may(auth: &Auth, caller: &Caller, access: &Access) -> bool {
     match caller {
         Caller::Bearer(claims) => claims.grants(access) || auth.allows(None, access),
-        Caller::Invalid(_) => false,
+        Caller::Invalid(_) | Caller::Busy(_) => false,
         other => auth.allows(other.user(), access),
     }
 }
@@ -101,6 +108,7 @@ fn decide(auth: &Auth, caller: &Caller, access: &Access, headers: &HeaderMap) ->
     };
     match caller {
         Caller::Invalid(why) => Some(challenge(Some("invalid_token"), why.clone())),
+        Caller::Busy(why) => Some(credentials_busy(why)),
         Caller::Anonymous if auth.allows(None, access) => None,
         Caller::Anonymous => {
             Some(challenge(None, format!("authentication required to {}", describe(access))))
@@ -121,6 +129,15 @@ fn decide(auth: &Auth, caller: &Caller, access: &Access, headers: &HeaderMap) ->
             None => Some(challenge(None, format!("authentication required to {}", describe(access)))),
         },
     }
+}
+
+/// 503 with `Retry-After`: the credentials could not be checked yet (every bcrypt thread
+/// stayed busy for [`super::CREDENTIAL_WAIT`]); clients retry 503s.
+fn credentials_busy(why: &str) -> Response {
+    ApiError::new(ErrorCode::Unavailable, why)
+        .with_status(StatusCode::SERVICE_UNAVAILABLE)
+        .with_header("retry-after", "1".to_owned())
+        .into_response()
 }
 
 fn describe(access: &Access) -> String {
@@ -189,7 +206,7 @@ async fn identify(auth: &Arc<Auth>, headers: &HeaderMap) -> Caller {
         Credentials::Basic { user, password } => match check_basic(auth, user, password).await {
             Ok(Some(user)) => Caller::Basic(user),
             Ok(None) => Caller::Invalid("user name or password is wrong".into()),
-            Err(busy) => Caller::Invalid(busy.to_string()),
+            Err(busy) => Caller::Busy(busy.to_string()),
         },
         Credentials::Invalid(why) => Caller::Invalid(why),
     }
@@ -219,6 +236,7 @@ async fn token_endpoint(
     let user = match identify(auth, headers).await {
         Caller::Anonymous => None,
         Caller::Basic(user) => Some(user),
+        Caller::Busy(why) => return credentials_busy(&why),
         Caller::Bearer(_) | Caller::Invalid(_) => {
             return ApiError::new(ErrorCode::Unauthorized, "user name or password is wrong")
                 .with_header("www-authenticate", format!(r#"Basic realm="{}""#, auth.service()))
