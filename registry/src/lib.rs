@@ -14,8 +14,11 @@ mod ingest;
 mod limits;
 pub mod routes;
 mod storage;
-pub mod tls;
 mod uploads;
+
+/// The listener's TLS (the workspace's one TLS crate), re-exported so that callers of
+/// [`ServeOptions::with_tls`] need no dependency of their own.
+pub use thaw_tls as tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

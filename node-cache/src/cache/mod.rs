@@ -266,7 +266,7 @@ impl Cache {
             swarm: Arc::default(),
             uploads: Arc::new(tokio::sync::Semaphore::new(config.peer.max_uploads.max(1))),
             uploads_per_peer: Mutex::default(),
-            peer_http: thaw_client::tls::configure_client(
+            peer_http: thaw_tls::configure_client(
                 reqwest::Client::builder().pool_max_idle_per_host(4),
                 config.peer.tls_ca.as_slice(),
                 config.peer.tls_identity.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
