@@ -179,7 +179,7 @@ pub(crate) async fn ask_frames(
     // or takes longer than ANSWER_DEADLINE_FACTOR times that in all. Not when a whole
     // answer takes longer than `options.timeout`: a member sending steadily on an uplink
     // shared by many askers is slow, not stalled, and dropping it makes the swarm fetch
-    // its segments from the registry again (D23).
+    // its segments from the registry again (D19).
     let deadline = tokio::time::Instant::now() + options.timeout * ANSWER_DEADLINE_FACTOR;
     let quiet = |what: &str| (Failure::Timeout, format!("{what} within {} ms", options.timeout.as_millis()));
     let idle = || std::cmp::min(tokio::time::Instant::now() + options.timeout, deadline);
