@@ -114,7 +114,7 @@ impl Cache {
 
 }
 
-pub(super) async fn copy_blocking(from: &Path, to: &Path) -> Result<u64> {
+async fn copy_blocking(from: &Path, to: &Path) -> Result<u64> {
     let (from, to) = (from.to_owned(), to.to_owned());
     tokio::task::spawn_blocking(move || {
         let (allocated, kind) = fsutil::private_copy(&from, &to)?;

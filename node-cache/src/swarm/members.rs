@@ -12,7 +12,7 @@ use thaw_schema::{ChunkId, Sha256Digest};
 
 use super::progress::WorkFile;
 use super::source::SwarmSource;
-use crate::peer::fetch::Peer;
+use crate::peer::fetch::{ask_bitmap, Bitmap, BitmapAsker, Peer};
 
 /// The rendezvous score of `name` for the segment starting with `first`.
 pub(super) fn score(first: &ChunkId, name: &str) -> ChunkId {
@@ -74,42 +74,18 @@ impl Look {
 
 
 impl SwarmSource {
+    /// A member's bitmap of `blob`; `None` when it failed (it is then marked bad) or does not
     /// know the snapshot.
     async fn bitmap(&self, endpoint: &str, blob: &Sha256Digest) -> Option<Bits> {
-        let scheme = if self.options.tls_ca.is_some() { "https" } else { "http" };
-        let url = format!("{scheme}://{endpoint}{}", crate::peer::bitmap_path(&self.snapshot, blob));
-        let mut req =
-            self.http.get(&url).timeout(self.options.timeout).header(crate::peer::NODE_HEADER, &self.me);
-        if let Some(e) = &self.my_endpoint {
-            req = req.header(crate::peer::ENDPOINT_HEADER, e);
-        }
-        if let Some(t) = &self.options.token {
-            req = req.bearer_auth(t.as_str());
-        }
-        let failed_as = |why: crate::peer::Failure, detail: String| {
-            self.book.failed(endpoint, why, &detail, self.options.penalty);
-            None
-        };
-        let failed = |detail: String| failed_as(crate::peer::Failure::Error, detail);
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => {
-                return failed_as(crate::peer::Failure::Timeout, format!("bitmap: {e}"))
+        let asker = BitmapAsker { node: &self.me, endpoint: self.my_endpoint.as_deref() };
+        match ask_bitmap(&self.http, &self.options, asker, endpoint, &self.snapshot, blob).await {
+            Ok(Bitmap::Complete) => Some(Bits::Complete),
+            Ok(Bitmap::Partial(bits)) => Some(Bits::Some(bits)),
+            Ok(Bitmap::Unknown) => None,
+            Err((why, detail)) => {
+                self.book.failed(endpoint, why, &detail, self.options.penalty);
+                None
             }
-            Err(e) => return failed(format!("bitmap: {e}")),
-        };
-        match resp.status().as_u16() {
-            200 => {}
-            // Not (or no longer) materializing it, and not holding it: nothing to get there.
-            404 => return None,
-            s => return failed(format!("bitmap answered HTTP {s}")),
-        }
-        if resp.headers().contains_key(crate::peer::COMPLETE_HEADER) {
-            return Some(Bits::Complete);
-        }
-        match resp.bytes().await {
-            Ok(b) => Some(Bits::Some(b.to_vec())),
-            Err(e) => failed(format!("bitmap body: {e}")),
         }
     }
 
@@ -198,9 +174,6 @@ impl SwarmSource {
             }
         }
     }
-
-    /// Fetches `segments` of `blob` (already claimed) from the registry in one request, and
-    /// holds their frames once each is checked against its id. On any failure the segments
 }
 
 #[cfg(test)]

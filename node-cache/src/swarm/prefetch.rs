@@ -16,6 +16,8 @@ use super::{FANOUT, KNOWN_FRESH, MEMBER_WORKERS, POLL, PREFETCH_WORKERS, SEGMENT
 use crate::peer::fetch::Peer;
 
 impl SwarmSource {
+    /// Fetches `segments` of `blob` (already claimed) from the registry in one request, and
+    /// holds their frames once each is checked against its id. On any failure the segments
     /// are marked failed: the client fetches those chunks itself, and reports what goes wrong.
     pub(super) async fn fetch_segments(&self, blob: Sha256Digest, segments: Vec<usize>) {
         let m = &self.materializing;
@@ -151,7 +153,9 @@ impl SwarmSource {
         None
     }
 
-    /// whether anything arrived.
+    /// One step of a member worker: asks one member for the earliest chunks, in write
+    /// order, that this node lacks and that member has (up to a segment's worth), and holds
+    /// what arrives, checked. Answers whether anything arrived.
     pub(super) async fn ask_members_once(&self) -> bool {
         let m = &self.materializing;
         if !m.held_fits() || m.members.lock().expect("members lock").is_empty() {

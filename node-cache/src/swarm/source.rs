@@ -85,8 +85,6 @@ impl SwarmSource {
         holders + self.delivered.swap(0, Ordering::Relaxed)
     }
 
-    /// A member's bitmap of `blob`; `None` when it failed (it is then marked bad) or does not
-
     async fn fetch_batch(&self, blob: Sha256Digest, ids: &[(ChunkId, u32)]) -> Vec<(ChunkId, Vec<u8>)> {
         // Holders of the snapshot or its repository, batch by batch, when there is no swarm;
         // with a swarm (holders of the snapshot are members too) its workers fetch instead.
@@ -190,9 +188,6 @@ impl SwarmSource {
         got
     }
 
-    /// One step of a member worker: asks one member for the earliest chunks, in write
-    /// order, that this node lacks and that member has (up to a segment's worth), and holds
-    /// what arrives, checked. Answers
 }
 
 impl ChunkSource for SwarmSource {

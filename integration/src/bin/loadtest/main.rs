@@ -131,7 +131,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// The operation kinds of the mix, with their weights (out of 100).
 fn main() -> ExitCode {
     match run() {
         Ok(true) => ExitCode::SUCCESS,

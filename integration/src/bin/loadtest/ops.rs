@@ -17,6 +17,8 @@ use thaw_schema::digest::ChunkId;
 use crate::workload::{sha256_file, source_files, Catalog, Counters, Rng, Snapshot};
 use crate::{CHANGED_PAGES, PAGE, PASSWORD, REVISIONS_KEPT_PER_CLIENT, USER};
 
+/// Pulls into a fresh directory and hashes every file against its source; answers the
+/// bytes pulled.
 pub(crate) async fn pull(registry: &Registry, snapshot: &Snapshot, dest: &Path, seeded: bool) -> Result<u64> {
     if dest.exists() {
         std::fs::remove_dir_all(dest)?;

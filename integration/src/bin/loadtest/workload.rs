@@ -17,6 +17,7 @@ use crate::ops::{inspect, manifest_get, missing, pull, push_revision, range_get,
 use crate::report::report;
 use crate::{attacker, client, Args, RegistryProcess};
 
+/// The operation kinds of the mix, with their weights (out of 100).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Kind {
     ManifestGet,
@@ -325,6 +326,3 @@ async fn client_loop(
     // may still be pulling or reading; each revision's files go when its last user drops it.
     outcome
 }
-
-/// Pulls into a fresh directory and hashes every file against its source; answers the
-/// bytes pulled.
