@@ -71,7 +71,7 @@ impl Cache {
         let (index, id, lease) = (self.index.clone(), id.to_owned(), lease.clone());
         tokio::task::spawn_blocking(move || index.put_lease(&id, &lease))
             .await
-            .map_err(|e| CacheError::Index(format!("lease write task: {e}")))?
+            .map_err(|source| CacheError::Task { what: "lease write", source })?
     }
 
     /// Ends the leases whose time is up; answers how many.

@@ -122,5 +122,5 @@ async fn copy_blocking(from: &Path, to: &Path) -> Result<u64> {
         Ok(allocated)
     })
     .await
-    .map_err(|e| CacheError::Index(format!("copy task: {e}")))?
+    .map_err(|source| CacheError::Task { what: "copy", source })?
 }
