@@ -41,7 +41,10 @@ impl Registry {
                     Err(Error::Registry { status, code, .. })
                         if status == 415
                             || (status == 400
-                                && matches!(code, None | Some(RegistryCode::Spec(ErrorCode::Unsupported)))) =>
+                                && matches!(
+                                    code,
+                                    None | Some(RegistryCode::Spec(ErrorCode::Unsupported))
+                                )) =>
                     {
                         tracing::debug!(
                             host = self.host(),

@@ -114,5 +114,4 @@ impl Cache {
         self.dirty.notify_one();
         self.update_gauges();
     }
-
 }

@@ -66,7 +66,6 @@ impl Cache {
         }
     }
 
-
     /// The chunk locations in the index, the bytes allocated under `snapshots/` and
     /// `leases/`, and what the index accounts for them: for consistency checks. Spares and
     /// work in progress are left out of both.

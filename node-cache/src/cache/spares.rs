@@ -75,7 +75,6 @@ impl Cache {
         }
     }
 
-
     /// Keeps a spare disk copy ready for every cached snapshot that has a disk. Runs forever.
     pub async fn run_spare_maker(self: Arc<Self>) {
         loop {
@@ -111,7 +110,6 @@ impl Cache {
             let _ = tokio::time::timeout(Duration::from_secs(1), wanted).await;
         }
     }
-
 }
 
 async fn copy_blocking(from: &Path, to: &Path) -> Result<u64> {

@@ -26,7 +26,9 @@ use thaw_schema::frame::{EncodedChunk, MAX_PAYLOAD_LEN};
 use thaw_schema::holdings::NodeDirectory;
 use thaw_schema::{media, ChunkId, Sha256Digest};
 
-use super::{bitmap_path, Failure, PeerBook, PeerOptions, CHUNKS_PATH, COMPLETE_HEADER, ENDPOINT_HEADER, NODE_HEADER};
+use super::{
+    bitmap_path, Failure, PeerBook, PeerOptions, CHUNKS_PATH, COMPLETE_HEADER, ENDPOINT_HEADER, NODE_HEADER,
+};
 
 /// Peers asked for one batch before the rest goes to the registry.
 const PEERS_PER_BATCH: usize = 2;

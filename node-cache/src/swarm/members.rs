@@ -72,7 +72,6 @@ impl Look {
     }
 }
 
-
 impl SwarmSource {
     /// A member's bitmap of `blob`; `None` when it failed (it is then marked bad) or does not
     /// know the snapshot.
@@ -196,5 +195,4 @@ mod tests {
         assert_eq!(owned.len(), 4, "{owned:?}");
         assert!(owned.values().all(|n| *n > 50), "owners spread unevenly: {owned:?}");
     }
-
 }

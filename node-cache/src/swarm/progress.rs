@@ -194,7 +194,11 @@ impl Materializing {
 
     /// Keeps checked frames to serve, and wakes the batches waiting for chunks.
     /// `from_peers`: they came from peers (they count as such when the client takes them).
-    pub(super) fn hold(&self, frames: impl IntoIterator<Item = (ChunkId, Arc<EncodedChunk>)>, from_peers: bool) {
+    pub(super) fn hold(
+        &self,
+        frames: impl IntoIterator<Item = (ChunkId, Arc<EncodedChunk>)>,
+        from_peers: bool,
+    ) {
         self.hold_ready(frames.into_iter().map(|(id, f)| (id, f, None)), from_peers);
     }
 
@@ -380,7 +384,6 @@ impl Drop for Registered {
         self.owner.map.lock().expect("in-progress lock").remove(&self.digest);
     }
 }
-
 
 #[cfg(test)]
 mod tests {

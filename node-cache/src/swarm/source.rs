@@ -187,7 +187,6 @@ impl SwarmSource {
         );
         got
     }
-
 }
 
 impl ChunkSource for SwarmSource {

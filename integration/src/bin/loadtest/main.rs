@@ -244,4 +244,3 @@ fn client(host: &str) -> Result<Registry> {
     };
     Ok(Registry::new(host, &options, Arc::new(Stats::new()))?)
 }
-

@@ -5,16 +5,17 @@
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use thaw_client::{PullOptions, PushOptions, Reference, Registry};
-use thaw_schema::digest::ChunkId;
+use thaw_schema::digest::{ChunkId, Sha256Digest};
 
-use crate::workload::{sha256_file, source_files, Catalog, Counters, Rng, Snapshot};
+use crate::workload::{sha256_file, source_files, Catalog, Counters, Rng, Snapshot, SourceFile};
 use crate::{CHANGED_PAGES, PAGE, PASSWORD, REVISIONS_KEPT_PER_CLIENT, USER};
 
 /// Pulls into a fresh directory and hashes every file against its source; answers the
@@ -282,4 +283,3 @@ pub(crate) async fn range_get(
     );
     Ok(())
 }
-

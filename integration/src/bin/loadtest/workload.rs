@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use thaw_client::{PushOptions, Reference, Registry};
+use thaw_client::{PushOptions, Reference};
 use thaw_integration::corpus;
 use thaw_schema::digest::{ChunkId, Sha256Digest, Sha256Hasher};
 
