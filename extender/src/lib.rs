@@ -259,13 +259,13 @@ pub fn app(state: Arc<AppState>) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
-    tls: Option<thaw_client::tls::ReloadingConfig>,
+    tls: Option<thaw_tls::ReloadingConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
         None => axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await,
         Some(config) => {
-            let listener = thaw_client::tls::TlsListener::new(listener, config)?;
+            let listener = thaw_tls::TlsListener::new(listener, config)?;
             axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
         }
     }

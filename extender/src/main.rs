@@ -98,7 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.ca_certs = args.ca_cert.clone();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(
-            thaw_client::tls::ReloadingConfig::load(thaw_client::tls::TlsFiles::new(cert, key))
+            thaw_tls::ReloadingConfig::load(thaw_tls::TlsFiles::new(cert, key))
                 .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?,
         ),
         _ => None,

@@ -37,7 +37,30 @@ pub enum CacheError {
     },
     /// The index database failed.
     #[error("cache index: {0}")]
+    Database(#[source] redb::Error),
+    /// A record in the index could not be read back.
+    #[error("cache index: {what} {key}: unreadable record: {source}")]
+    Record {
+        /// The kind of record (`snapshot`, `lease`, `reference`).
+        what: &'static str,
+        /// Its key.
+        key: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The index disagrees with what was just done (a bug, not bad input).
+    #[error("cache index: {0}")]
     Index(String),
+    /// Work handed to a blocking thread panicked or was cancelled.
+    #[error("{what} task: {source}")]
+    Task {
+        /// The work (`lease write`, `verify`, …).
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// A peer request without the cluster token (peer API only).
     #[error("{0}")]
     Unauthorized(String),
@@ -65,7 +88,11 @@ impl CacheError {
             Self::Registry(e) if e.is_not_found() => StatusCode::NOT_FOUND,
             Self::Registry(e) if e.is_usage() => StatusCode::BAD_REQUEST,
             Self::Registry(_) => StatusCode::BAD_GATEWAY,
-            Self::Io { .. } | Self::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Io { .. }
+            | Self::Database(_)
+            | Self::Record { .. }
+            | Self::Index(_)
+            | Self::Task { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -82,7 +109,8 @@ impl CacheError {
             Self::Registry(e) if e.is_not_found() => "NOT_FOUND",
             Self::Registry(_) => "REGISTRY",
             Self::Io { .. } => "IO",
-            Self::Index(_) => "INDEX",
+            Self::Database(_) | Self::Record { .. } | Self::Index(_) => "INDEX",
+            Self::Task { .. } => "INTERNAL",
             Self::Unauthorized(_) => "UNAUTHORIZED",
             Self::Busy(_) => "BUSY",
         }

@@ -146,12 +146,12 @@ pub(crate) struct Index {
     db: Database,
 }
 
-fn db_err(e: impl std::fmt::Display) -> CacheError {
-    CacheError::Index(e.to_string())
+fn db_err(e: impl Into<redb::Error>) -> CacheError {
+    CacheError::Database(e.into())
 }
 
-fn from_json<T: for<'de> Deserialize<'de>>(what: &str, key: &str, b: &[u8]) -> Result<T> {
-    serde_json::from_slice(b).map_err(|e| CacheError::Index(format!("{what} {key}: unreadable record: {e}")))
+fn from_json<T: for<'de> Deserialize<'de>>(what: &'static str, key: &str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|source| CacheError::Record { what, key: key.to_owned(), source })
 }
 
 impl Index {

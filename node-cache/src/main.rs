@@ -205,9 +205,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let client = ClientOptions { plain_http, ca_certs: args.ca_cert.clone(), ..ClientOptions::default() };
     let peer_tls = match (&args.peer_tls_cert, &args.peer_tls_key) {
         (Some(cert), Some(key)) => Some(
-            thaw_client::tls::ReloadingConfig::load(thaw_client::tls::TlsFiles {
+            thaw_tls::ReloadingConfig::load(thaw_tls::TlsFiles {
                 client_ca: args.peer_tls_client_ca.clone(),
-                ..thaw_client::tls::TlsFiles::new(cert, key)
+                ..thaw_tls::TlsFiles::new(cert, key)
             })
             .map_err(|e| {
                 anyhow::anyhow!("peer TLS (--peer-tls-cert/--peer-tls-key/--peer-tls-client-ca): {e}")
@@ -280,7 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(config) => {
                 use axum::serve::ListenerExt as _;
                 // `tap_io` is how axum hands a custom listener's peer address to `ConnectInfo`.
-                let listener = thaw_client::tls::TlsListener::new(listener, config)?.tap_io(|_| {});
+                let listener = thaw_tls::TlsListener::new(listener, config)?.tap_io(|_| {});
                 tokio::spawn(async move {
                     if let Err(e) = axum::serve(listener, app).await {
                         tracing::error!(error = %e, "the peer service stopped");

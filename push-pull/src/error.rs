@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use thaw_schema::ErrorCode;
+
 /// Result alias for the client library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -23,14 +25,14 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     /// The registry answered with an error status.
-    #[error("{op}: registry answered {status}{}: {message}", code.as_deref().map(|c| format!(" {c}")).unwrap_or_default())]
+    #[error("{op}: registry answered {status}{}: {message}", code.as_ref().map(|c| format!(" {c}")).unwrap_or_default())]
     Registry {
         /// What was being done, e.g. `GET manifest localhost:5000/fn:v1`.
         op: String,
         /// HTTP status.
         status: u16,
         /// The OCI error code from the body, when there was one.
-        code: Option<String>,
+        code: Option<RegistryCode>,
         /// The message from the body, or the status text.
         message: String,
     },
@@ -86,6 +88,31 @@ pub enum Error {
     /// A local configuration file (Docker `config.json`) is unusable.
     #[error("{0}")]
     Config(String),
+}
+
+/// An OCI error code as a registry sent it in an error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryCode {
+    /// One of the spec's codes (thaw-schema's one table).
+    Spec(ErrorCode),
+    /// A code outside the spec's table (registries may add their own), as sent.
+    Other(String),
+}
+
+impl RegistryCode {
+    /// The code in `text`: the spec's when it is one, else kept as sent.
+    pub fn parse(text: &str) -> Self {
+        ErrorCode::parse(text).map_or_else(|| Self::Other(text.to_owned()), Self::Spec)
+    }
+}
+
+impl std::fmt::Display for RegistryCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Spec(code) => f.write_str(code.as_str()),
+            Self::Other(text) => f.write_str(text),
+        }
+    }
 }
 
 impl Error {

@@ -33,7 +33,6 @@ mod sink;
 pub mod snapshot;
 pub mod stats;
 mod thaw_api;
-pub mod tls;
 mod transport;
 pub mod tuning;
 mod upload;

@@ -105,7 +105,7 @@ impl Registry {
             .user_agent(concat!("thaw/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(options.connect_timeout)
             .read_timeout(options.read_timeout);
-        let http = crate::tls::configure_client(http, &options.ca_certs, None)
+        let http = thaw_tls::configure_client(http, &options.ca_certs, None)
             .map_err(|e| Error::Config(format!("TLS: {e}")))?
             .build()
             .map_err(|e| Error::Transport { op: "setting up the HTTP client".into(), source: e })?;

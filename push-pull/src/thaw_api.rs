@@ -11,9 +11,9 @@ use thaw_schema::dto::{
     MissingChunksRequest, MissingChunksResponse, MAX_IDS_PER_QUERY,
 };
 use thaw_schema::frame::EncodedChunk;
-use thaw_schema::{media, ChunkId, Recipe, Sha256Digest};
+use thaw_schema::{media, ChunkId, ErrorCode, Recipe, Sha256Digest};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RegistryCode, Result};
 use crate::registry::Registry;
 use crate::transport::{Body, Request, Scope};
 
@@ -40,7 +40,11 @@ impl Registry {
                     }
                     Err(Error::Registry { status, code, .. })
                         if status == 415
-                            || (status == 400 && code.as_deref().is_none_or(|c| c == "UNSUPPORTED")) =>
+                            || (status == 400
+                                && matches!(
+                                    code,
+                                    None | Some(RegistryCode::Spec(ErrorCode::Unsupported))
+                                )) =>
                     {
                         tracing::debug!(
                             host = self.host(),

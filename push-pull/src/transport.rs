@@ -14,7 +14,7 @@ use thaw_schema::ErrorResponse;
 use tokio::io::AsyncSeekExt as _;
 
 use crate::auth::{parse_challenge, Challenge, Credentials};
-use crate::error::{Error, Result};
+use crate::error::{Error, RegistryCode, Result};
 use crate::stats::{Counter, Stats};
 
 /// How often and how patiently to retry transient failures (connection errors, 429, 5xx).
@@ -404,7 +404,7 @@ impl Transport {
                 if let Some(detail) = &first.detail {
                     message.push_str(&format!(" ({detail})"));
                 }
-                (Some(first.code.clone()), message)
+                (Some(RegistryCode::parse(&first.code)), message)
             }
             _ => {
                 let text = String::from_utf8_lossy(&body);

@@ -1,6 +1,6 @@
 //! Chunking, compression and transfer parameters, kept in one place. The chunker and zstd
-//! choices are provisional until the chunking benchmark settles them (docs/DECISIONS.md);
-//! readers never depend on them, because every recipe records the parameters it was cut with.
+//! choices are docs/DECISIONS.md D7 and D20; readers never depend on them, because every
+//! recipe records the parameters it was cut with.
 
 use thaw_schema::media::FileRole;
 use thaw_schema::ChunkerParams;

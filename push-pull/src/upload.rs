@@ -15,9 +15,9 @@ use serde::Serialize;
 use thaw_schema::batch::BatchWriter;
 use thaw_schema::frame::EncodedChunk;
 use thaw_schema::media::FileRole;
-use thaw_schema::{ChunkId, ChunkerParams, Sha256Digest};
+use thaw_schema::{ChunkId, ChunkerParams, ErrorCode, Sha256Digest};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RegistryCode, Result};
 use crate::local::OpenFiles;
 use crate::registry::{sha256_of_file, Registry};
 use crate::scan::{scan_file, Scan};
@@ -175,8 +175,8 @@ async fn upload_thaw(
             stats.set_phase(format!("committing {}", blob.label));
             let recipe = scan.recipe();
             match registry.commit_recipe(repository, &recipe).await {
-                Err(Error::Registry { code: Some(code), .. })
-                    if code == "BLOB_UNKNOWN" && !known.is_empty() =>
+                Err(Error::Registry { code: Some(RegistryCode::Spec(ErrorCode::BlobUnknown)), .. })
+                    if !known.is_empty() =>
                 {
                     // A chunk of the base went away (its manifest was deleted and collected):
                     // ask about this blob's chunks after all, send what is missing, commit again.

@@ -11,7 +11,7 @@
 //!   recipe; pull by recipe and chunk fetch) through thaw-registry on `s3://`, every file cut
 //!   with FastCDC 16/64/256 KiB;
 //! - **thaw `_thaw` 4K**: the same with memory and disk cut into fixed 4 KiB pages, the
-//!   client's choice in docs/DECISIONS.md D7.
+//!   page size docs/DECISIONS.md D7 aims at (the client cuts 64 KiB until group frames land).
 //!
 //! Each way pushes snapshot v1 into an empty bucket prefix, pulls it, then pushes and pulls
 //! v2 (a later snapshot of the same function: most pages unchanged). For every step it
@@ -458,7 +458,7 @@ struct Cut {
 }
 
 /// How the `_thaw` client cuts a file: FastCDC 16/64/256 KiB for everything, or (`pages`)
-/// fixed 4 KiB pages for memory and disk as docs/DECISIONS.md D7 decides.
+/// fixed 4 KiB pages for memory and disk, the target of docs/DECISIONS.md D7.
 fn chunker_for(role: FileRole, pages: bool) -> ChunkerParams {
     match role {
         FileRole::Memory | FileRole::Disk if pages => ChunkerParams::fixed(4096),

@@ -14,8 +14,11 @@ mod ingest;
 mod limits;
 pub mod routes;
 mod storage;
-pub mod tls;
 mod uploads;
+
+/// The listener's TLS (the workspace's one TLS crate), re-exported so that callers of
+/// [`ServeOptions::with_tls`] need no dependency of their own.
+pub use thaw_tls as tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +39,8 @@ pub use limits::{
     DEFAULT_INFLIGHT_WAIT, DEFAULT_MAX_CHUNK_REPEAT, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_PER_CLIENT,
     DEFAULT_MAX_VERIFICATIONS_PER_CLIENT, DEFAULT_SEND_TIMEOUT, DEFAULT_VERIFY_WAIT,
 };
+/// Fault injection under the object store, for tests and benchmarks only (feature `faults`).
+#[cfg(feature = "faults")]
 pub use storage::faults::{Fault, Faults, Faulty, Op, Rule, RuleId};
 pub use storage::metrics::{process_storage_metrics, Counted, StorageCounts, StorageMetrics};
 pub use storage::{
@@ -65,15 +70,17 @@ impl RegistryConfig {
     }
 }
 
-/// What a registry runs with besides its address and storage: request limits, and (for
-/// tests) faults to inject into its object store. Kept apart from [`RegistryConfig`] so
-/// that config stays the two fields other crates build literally.
+/// What a registry runs with besides its address and storage: request limits, TLS, GC,
+/// auth, upload caps, and (for tests, feature `faults`) faults to inject into its object
+/// store. Kept apart from [`RegistryConfig`] so that config stays the two fields other
+/// crates build literally.
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
     /// Request limits.
     pub limits: Limits,
     /// When set, the object store is wrapped in [`Faulty`] driven by these rules (inside
     /// the request counter, so injected calls are still counted).
+    #[cfg(feature = "faults")]
     pub faults: Option<Arc<Faults>>,
     /// Serve HTTPS with these files (reloaded when they change) instead of plain HTTP.
     pub tls: Option<tls::TlsFiles>,
@@ -94,6 +101,7 @@ impl ServeOptions {
         self
     }
     /// The same options injecting `faults` into the object store.
+    #[cfg(feature = "faults")]
     pub fn with_faults(mut self, faults: Arc<Faults>) -> Self {
         self.faults = Some(faults);
         self
@@ -134,14 +142,17 @@ pub const S3_RETRY_TIMEOUT: Duration = Duration::from_secs(10);
 /// replicas on one host never share one; with port 0, a per-process-and-registry one).
 fn open_objects(
     config: &RegistryConfig,
-    faults: Option<&Arc<Faults>>,
+    options: &ServeOptions,
 ) -> anyhow::Result<(Arc<dyn ObjectStore>, PathBuf)> {
     let upload_dir_override = std::env::var_os("THAW_UPLOAD_DIR").map(PathBuf::from);
     let counted = |store: Arc<dyn ObjectStore>| -> Arc<dyn ObjectStore> {
-        let store: Arc<dyn ObjectStore> = match faults {
-            Some(f) => Arc::new(Faulty::new(store, f.clone())),
+        #[cfg(feature = "faults")]
+        let store: Arc<dyn ObjectStore> = match &options.faults {
+            Some(f) => Arc::new(storage::faults::Faulty::new(store, f.clone())),
             None => store,
         };
+        #[cfg(not(feature = "faults"))]
+        let _ = options;
         Arc::new(Counted::new(store, process_storage_metrics()))
     };
     if let Some(rest) = config.storage.strip_prefix("s3://") {
@@ -219,7 +230,7 @@ pub fn open_state(config: &RegistryConfig) -> anyhow::Result<Arc<AppState>> {
 
 /// Opens the storage named in `config` and builds the shared state.
 pub fn open_state_with(config: &RegistryConfig, options: &ServeOptions) -> anyhow::Result<Arc<AppState>> {
-    let (objects, spool) = open_objects(config, options.faults.as_ref())?;
+    let (objects, spool) = open_objects(config, options)?;
     let uploads = uploads::Uploads::open(&spool, options.uploads)
         .with_context(|| format!("preparing upload spool directory {}", spool.display()))?;
     let state = Arc::new(AppState {
@@ -301,7 +312,7 @@ fn start_gc_tasks(runtime: &tokio::runtime::Handle, state: &Arc<AppState>, optio
 /// it is refused while a registry serves the same storage.
 pub async fn collect_garbage(storage: &str, options: &GcOptions) -> anyhow::Result<GcReport> {
     let config = RegistryConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), storage);
-    let (objects, _spool) = open_objects(&config, None)?;
+    let (objects, _spool) = open_objects(&config, &ServeOptions::default())?;
     let store = Arc::new(Store::new(objects));
     Ok(store.collect_garbage(options, None, None).await?)
 }
@@ -315,7 +326,7 @@ pub async fn scrub(
     progress: &(dyn Fn(u64, u64, &ScrubReport) + Sync),
 ) -> anyhow::Result<ScrubReport> {
     let config = RegistryConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), storage);
-    let (objects, _spool) = open_objects(&config, None)?;
+    let (objects, _spool) = open_objects(&config, &ServeOptions::default())?;
     Ok(Store::new(objects).scrub(dry_run, progress).await?)
 }
 

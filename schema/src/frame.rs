@@ -62,7 +62,7 @@ thread_local! {
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
     /// One zstd decompression context per thread: making one per chunk was 1.2 % of all CPU in
-    /// the 8-node swarm benchmark (D22).
+    /// the 8-node swarm benchmark (D20).
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
 }

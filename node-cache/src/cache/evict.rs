@@ -94,7 +94,7 @@ impl Cache {
             true
         })
         .await
-        .map_err(|e| CacheError::Index(format!("verify task: {e}")))
+        .map_err(|source| CacheError::Task { what: "verify", source })
     }
 
     /// Drops a damaged snapshot: out of the state and `snapshots/`, then out of the index,

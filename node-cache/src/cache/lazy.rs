@@ -434,7 +434,7 @@ impl Cache {
                 let (f, t) = (from.clone(), to.clone());
                 tokio::task::spawn_blocking(move || fsutil::private_copy(&f, &t))
                     .await
-                    .map_err(|e| CacheError::Index(format!("copy task: {e}")))??;
+                    .map_err(|source| CacheError::Task { what: "copy", source })??;
                 files.insert(role.clone(), to.display().to_string());
             }
             Ok::<_, CacheError>(files)
@@ -529,7 +529,7 @@ impl Cache {
         let check = path.clone();
         let (got, len) = tokio::task::spawn_blocking(move || fsutil::sha256_file(&check))
             .await
-            .map_err(|e| CacheError::Index(format!("hash task: {e}")))??;
+            .map_err(|source| CacheError::Task { what: "hash", source })??;
         if got != blob || len != size {
             return Err(CacheError::Index(format!("the filled memory file hashes to {got}, not {blob}")));
         }
@@ -576,7 +576,7 @@ impl Cache {
         let (index, rec) = (self.index.clone(), record.clone());
         let inserted = tokio::task::spawn_blocking(move || index.insert_snapshot(&rec, &chunks))
             .await
-            .map_err(|e| CacheError::Index(format!("index task: {e}")))?;
+            .map_err(|source| CacheError::Task { what: "index", source })?;
         if let Err(e) = inserted {
             // Back where it was, so the caller's cleanup finds it.
             let _ = std::fs::rename(&dest, &p.work);

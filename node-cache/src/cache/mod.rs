@@ -1,5 +1,10 @@
 //! The cache itself: ensure, release, prefetch, eviction, recovery and scrubbing.
 //!
+//! Rooms: this file opens the cache (recovery) and answers `ensure` (hit or miss);
+//! `materialize` restores a miss, `evict` makes room and scrubs, `leases` and `spares` keep
+//! what a hit hands out, `flush` writes volatile state, `report` answers listings and
+//! holdings, `publish` pushes a local snapshot, `peer_io` reads chunks for the peer service.
+//!
 //! On disk, under the cache directory:
 //!
 //! ```text
@@ -20,29 +25,32 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use thaw_client::{ClientOptions, FetchedManifest, Reference, Registry, Stats};
-use thaw_schema::cache_api::{BytesBySource, CacheListing, CachedSnapshot, EnsureResponse};
-use thaw_schema::holdings::{HeldSnapshot, NodeHoldings, MAX_SNAPSHOTS_PER_NODE};
+use thaw_schema::cache_api::{BytesBySource, EnsureResponse};
 use thaw_schema::media::FileRole;
 use thaw_schema::Sha256Digest;
 use tokio::sync::Notify;
 
 use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
-use crate::index::{Index, LeaseRecord, RefRecord, SnapshotRecord, VolatileBatch};
+use crate::index::{Index, LeaseRecord, RefRecord, SnapshotRecord};
 use crate::metrics::Metrics;
 use crate::peer::{PeerBook, PeerOptions};
 
 mod evict;
+mod flush;
 mod lazy;
+mod leases;
 mod materialize;
 mod peer_io;
 mod publish;
+mod report;
+mod spares;
 pub(crate) use peer_io::ChunkPlace;
 
 pub use evict::{DiskReport, ScrubReport};
@@ -151,7 +159,7 @@ pub struct Cache {
     pub(crate) metrics: Metrics,
     /// Peers to avoid, and the P2P counters.
     pub(crate) peers: Arc<PeerBook>,
-    /// Snapshots being materialized, for the swarm (`swarm.rs`).
+    /// Snapshots being materialized, for the swarm (`swarm/`).
     pub(crate) swarm: Arc<crate::swarm::InProgress>,
     /// Peer uploads in progress, in total.
     pub(crate) uploads: Arc<tokio::sync::Semaphore>,
@@ -270,7 +278,7 @@ impl Cache {
             uploads: Arc::new(tokio::sync::Semaphore::new(config.peer.max_uploads.max(1))),
             uploads_per_peer: Mutex::default(),
             lazy: crate::lazy::LazyRestores::default(),
-            peer_http: thaw_client::tls::configure_client(
+            peer_http: thaw_tls::configure_client(
                 reqwest::Client::builder().pool_max_idle_per_host(4),
                 config.peer.tls_ca.as_slice(),
                 config.peer.tls_identity.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
@@ -513,342 +521,4 @@ impl Cache {
             memory_socket: None,
         }))
     }
-
-    /// Puts a private copy of the disk image in the lease's directory: the spare if there is
-    /// one (a rename), else a sparse copy now. Then makes the next spare in the background.
-    async fn private_disk_copy(
-        &self,
-        lease: &str,
-        source: &Path,
-        title: &str,
-        spare: Option<Spare>,
-    ) -> Result<PathBuf> {
-        let dir = self.dirs.leases.join(lease);
-        std::fs::create_dir_all(&dir).map_err(|e| CacheError::io("creating", &dir, e))?;
-        let dest = dir.join(title);
-        let allocated = match spare {
-            Some(s) => match std::fs::rename(&s.path, &dest) {
-                Ok(()) => s.allocated,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not take the spare disk copy; copying");
-                    copy_blocking(source, &dest).await?
-                }
-            },
-            None => copy_blocking(source, &dest).await?,
-        };
-        if let Some(l) = self.state.lock().expect("state lock").leases.get_mut(lease) {
-            l.allocated = allocated;
-        }
-        Ok(dest)
-    }
-
-    /// Makes a spare disk copy of a cached snapshot, if it has a disk and none is ready.
-    pub(crate) async fn prepare_spare(&self, digest: Sha256Digest) {
-        let source = {
-            let mut st = self.state.lock().expect("state lock");
-            let Some(rec) = st.snapshots.get(&digest) else { return };
-            let Some(disk) = rec.files.iter().find(|f| f.role.as_deref() == Some(FileRole::Disk.key()))
-            else {
-                return;
-            };
-            let title = disk.title.clone();
-            if st.spares.contains_key(&digest) || !st.spares_in_progress.insert(digest) {
-                return;
-            }
-            title
-        };
-        let from = self.dirs.snapshots.join(digest.hex()).join(&source);
-        let to = self.dirs.spares.join(format!("{}-{}-{source}", digest.hex(), fsutil::nonce()));
-        let copied = copy_blocking(&from, &to).await;
-        let mut st = self.state.lock().expect("state lock");
-        st.spares_in_progress.remove(&digest);
-        match copied {
-            Ok(allocated) if st.snapshots.contains_key(&digest) => {
-                st.spares.insert(digest, Spare { path: to, allocated });
-            }
-            Ok(_) => fsutil::remove_all(&to),
-            Err(e) => {
-                tracing::warn!(%digest, error = %e, "could not make a spare disk copy");
-                fsutil::remove_all(&to);
-            }
-        }
-    }
-
-    /// Ends a lease: by id, or the oldest lease of a reference.
-    pub fn release(&self, lease: Option<&str>, reference: Option<&str>) -> Result<String> {
-        let id = {
-            let st = self.state.lock().expect("state lock");
-            match (lease, reference) {
-                (Some(id), _) => {
-                    if !st.leases.contains_key(id) {
-                        return Err(CacheError::NotFound(format!("no lease {id:?}")));
-                    }
-                    id.to_owned()
-                }
-                (None, Some(r)) => {
-                    let key = self.parse_reference(r)?.to_string();
-                    st.leases
-                        .iter()
-                        .filter(|(_, l)| l.record.reference == key)
-                        .min_by_key(|(_, l)| l.record.created_ms)
-                        .map(|(id, _)| id.clone())
-                        .ok_or_else(|| CacheError::NotFound(format!("{key} holds no lease")))?
-                }
-                (None, None) => {
-                    return Err(CacheError::BadRequest("name a lease or a reference to release".into()))
-                }
-            }
-        };
-        self.end_lease(&id);
-        Ok(id)
-    }
-
-    /// Extends a lease by the lease TTL from now, durably; answers the new expiry.
-    pub async fn renew(&self, id: &str) -> Result<u64> {
-        let gone = || CacheError::NotFound(format!("no lease {id:?} (released, or expired unrenewed)"));
-        let mut record = {
-            let st = self.state.lock().expect("state lock");
-            st.leases.get(id).ok_or_else(gone)?.record.clone()
-        };
-        record.expires_ms = now_ms() + self.config.lease_ttl.as_millis() as u64;
-        if !self.persist_lease(id, &record).await? {
-            return Err(gone());
-        }
-        let mut st = self.state.lock().expect("state lock");
-        match st.leases.get_mut(id) {
-            Some(l) => {
-                l.record.expires_ms = l.record.expires_ms.max(record.expires_ms);
-                Ok(l.record.expires_ms)
-            }
-            None => {
-                // Released while the record was written: remove it again.
-                st.dirty_leases.insert(id.to_owned());
-                drop(st);
-                self.dirty.notify_one();
-                Err(gone())
-            }
-        }
-    }
-
-    /// Writes a lease record to the index (fsync'd), off the async threads.
-    async fn persist_lease(&self, id: &str, lease: &LeaseRecord) -> Result<bool> {
-        let (index, id, lease) = (self.index.clone(), id.to_owned(), lease.clone());
-        tokio::task::spawn_blocking(move || index.put_lease(&id, &lease))
-            .await
-            .map_err(|e| CacheError::Index(format!("lease write task: {e}")))?
-    }
-
-    /// Ends the leases whose time is up; answers how many.
-    pub fn release_expired(&self) -> usize {
-        let now = now_ms();
-        let expired: Vec<(String, String)> = {
-            let st = self.state.lock().expect("state lock");
-            st.leases
-                .iter()
-                .filter(|(_, l)| l.record.expires_ms <= now)
-                .map(|(id, l)| (id.clone(), l.record.reference.clone()))
-                .collect()
-        };
-        for (id, reference) in &expired {
-            tracing::info!(lease = %id, %reference, "lease expired unrenewed; releasing it");
-            self.end_lease(id);
-        }
-        if !expired.is_empty() {
-            self.holdings_changed.notify_one();
-        }
-        expired.len()
-    }
-
-    /// Releases expired leases every `interval`. Runs forever.
-    pub async fn run_lease_reaper(self: Arc<Self>, interval: Duration) {
-        loop {
-            let cache = self.clone();
-            let _ = tokio::task::spawn_blocking(move || cache.release_expired()).await;
-            tokio::time::sleep(interval).await;
-        }
-    }
-
-    fn end_lease(&self, id: &str) {
-        self.lazy.lease_ended(id);
-        {
-            let mut st = self.state.lock().expect("state lock");
-            st.leases.remove(id);
-            st.dirty_leases.insert(id.to_owned());
-        }
-        fsutil::remove_all(&self.dirs.leases.join(id));
-        self.dirty.notify_one();
-        self.update_gauges();
-    }
-
-    /// The cache's contents, most recently used first.
-    pub fn listing(&self) -> CacheListing {
-        let st = self.state.lock().expect("state lock");
-        let mut snapshots: Vec<CachedSnapshot> = st
-            .snapshots
-            .values()
-            .map(|s| CachedSnapshot {
-                references: s.references.clone(),
-                digest: s.digest,
-                size_bytes: s.size_bytes(),
-                allocated_bytes: s.allocated_bytes,
-                last_used_ms: s.last_used_ms,
-                leases: st.leases.values().filter(|l| l.record.digest == s.digest).count() as u32,
-            })
-            .collect();
-        snapshots.sort_by(|a, b| b.last_used_ms.cmp(&a.last_used_ms).then(a.digest.cmp(&b.digest)));
-        CacheListing { capacity_bytes: self.config.capacity, used_bytes: st.used(), snapshots }
-    }
-
-    /// What this node holds, for the holdings directory: largest snapshots first.
-    pub fn holdings(&self) -> NodeHoldings {
-        let st = self.state.lock().expect("state lock");
-        let mut snapshots: Vec<HeldSnapshot> = st
-            .snapshots
-            .values()
-            .map(|s| HeldSnapshot {
-                reference: s.references.first().cloned().unwrap_or_default(),
-                digest: s.digest,
-                size_bytes: s.size_bytes(),
-                cached_bytes: s.size_bytes(),
-            })
-            .collect();
-        snapshots.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes).then(a.digest.cmp(&b.digest)));
-        // Snapshots being materialized, first (so they survive the bound): `cachedBytes: 0`.
-        let in_progress: Vec<HeldSnapshot> = self
-            .swarm
-            .list()
-            .into_iter()
-            .filter(|(d, _)| !st.snapshots.contains_key(d))
-            .map(|(digest, m)| HeldSnapshot {
-                reference: m.reference.clone(),
-                digest,
-                size_bytes: m.size,
-                cached_bytes: 0,
-            })
-            .collect();
-        snapshots.splice(0..0, in_progress);
-        snapshots.truncate(MAX_SNAPSHOTS_PER_NODE);
-        NodeHoldings {
-            node: self.config.node_name.clone(),
-            peer_endpoint: self.config.peer_endpoint.clone(),
-            capacity_bytes: self.config.capacity,
-            used_bytes: st.used(),
-            snapshots,
-        }
-    }
-
-    /// Writes last-use times, ended leases and tag resolutions changed since the last call.
-    pub fn flush(&self) -> Result<()> {
-        let batch = {
-            let mut st = self.state.lock().expect("state lock");
-            let mut batch = VolatileBatch::default();
-            for d in std::mem::take(&mut st.dirty_snapshots) {
-                if let Some(r) = st.snapshots.get(&d) {
-                    batch.snapshots.push(r.clone());
-                }
-            }
-            for id in std::mem::take(&mut st.dirty_leases) {
-                // Live leases were written when taken or renewed; only ended ones remain.
-                if !st.leases.contains_key(&id) {
-                    batch.leases_removed.push(id);
-                }
-            }
-            for key in std::mem::take(&mut st.dirty_refs) {
-                if let Some(r) = st.refs.get(&key) {
-                    batch.refs.push((key, *r));
-                }
-            }
-            batch
-        };
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.index.write_volatile(&batch)
-    }
-
-    /// Writes volatile state at most every `interval`, whenever it changed. Runs forever.
-    pub async fn run_flusher(self: Arc<Self>, interval: Duration) {
-        loop {
-            self.dirty.notified().await;
-            tokio::time::sleep(interval).await;
-            let cache = self.clone();
-            match tokio::task::spawn_blocking(move || cache.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not write usage and leases to the index"),
-                Err(e) => tracing::warn!(error = %e, "flush task failed"),
-            }
-        }
-    }
-
-    /// Keeps a spare disk copy ready for every cached snapshot that has a disk. Runs forever.
-    pub async fn run_spare_maker(self: Arc<Self>) {
-        loop {
-            let wanted: Vec<Sha256Digest> = {
-                let st = self.state.lock().expect("state lock");
-                st.snapshots
-                    .values()
-                    .filter(|s| s.files.iter().any(|f| f.role.as_deref() == Some(FileRole::Disk.key())))
-                    .filter(|s| !st.spares.contains_key(&s.digest) && !st.pins.contains_key(&s.digest))
-                    .map(|s| s.digest)
-                    .collect()
-            };
-            for d in wanted {
-                // Copies wait for restores in progress, which need the disk more.
-                loop {
-                    let idle = self.ensures_idle.notified();
-                    if self.active_ensures.load(Ordering::SeqCst) == 0 {
-                        break;
-                    }
-                    let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
-                }
-                // Spares use spare capacity only (the whole snapshot's size: an upper bound).
-                let fits = {
-                    let st = self.state.lock().expect("state lock");
-                    let bound = st.snapshots.get(&d).map_or(0, |s| s.allocated_bytes);
-                    st.used() + bound <= self.config.capacity
-                };
-                if fits {
-                    self.prepare_spare(d).await;
-                }
-            }
-            let wanted = self.spares_wanted.notified();
-            let _ = tokio::time::timeout(Duration::from_secs(1), wanted).await;
-        }
-    }
-
-    /// The chunk locations in the index, the bytes allocated under `snapshots/` and
-    /// `leases/`, and what the index accounts for them: for consistency checks. Spares and
-    /// work in progress are left out of both.
-    pub fn disk_report(&self) -> Result<DiskReport> {
-        Ok(DiskReport {
-            chunk_locations: self.index.chunk_location_count()?,
-            allocated_on_disk: allocated_bytes(&self.dirs.snapshots) + allocated_bytes(&self.dirs.leases),
-            used_by_index: {
-                let st = self.state.lock().expect("state lock");
-                st.snapshots.values().map(|s| s.allocated_bytes).sum::<u64>()
-                    + st.leases.values().map(|l| l.allocated).sum::<u64>()
-            },
-        })
-    }
-
-    fn update_gauges(&self) {
-        let st = self.state.lock().expect("state lock");
-        self.metrics.set_gauges(
-            st.used(),
-            self.config.capacity,
-            st.snapshots.len() as u64,
-            st.leases.len() as u64,
-        );
-    }
-}
-
-async fn copy_blocking(from: &Path, to: &Path) -> Result<u64> {
-    let (from, to) = (from.to_owned(), to.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let (allocated, kind) = fsutil::private_copy(&from, &to)?;
-        tracing::debug!(?kind, allocated, to = %to.display(), "private disk copy");
-        Ok(allocated)
-    })
-    .await
-    .map_err(|e| CacheError::Index(format!("copy task: {e}")))?
 }

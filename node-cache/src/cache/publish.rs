@@ -30,7 +30,7 @@ impl Cache {
         let dir = dir.to_owned();
         let dir = tokio::task::spawn_blocking(move || publishable_dir(&root, &dir))
             .await
-            .map_err(|e| CacheError::Index(format!("publish check task: {e}")))??;
+            .map_err(|source| CacheError::Task { what: "publish check", source })??;
         // Built from the configured host, never from the reference.
         let registry = Registry::new(&self.config.registry, &self.config.client, Arc::new(Stats::new()))?;
         let report = thaw_client::push_dir(&registry, &reference, &dir, &PushOptions::default()).await?;

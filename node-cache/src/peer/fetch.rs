@@ -7,6 +7,10 @@
 //! registry. A peer that errs, stalls past the timeout, or sends anything that is not the
 //! chunk asked for is marked bad in the [`PeerBook`] and skipped until its penalty ends; its
 //! whole answer is dropped.
+//!
+//! The asking side of the peer protocol lives here whole: chunk requests ([`ask`],
+//! [`ask_frames`], used by the swarm's member workers too) and bitmap requests
+//! ([`ask_bitmap`], used by the swarm's looks).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,7 +26,9 @@ use thaw_schema::frame::{EncodedChunk, MAX_PAYLOAD_LEN};
 use thaw_schema::holdings::NodeDirectory;
 use thaw_schema::{media, ChunkId, Sha256Digest};
 
-use super::{Failure, PeerBook, PeerOptions, CHUNKS_PATH};
+use super::{
+    bitmap_path, Failure, PeerBook, PeerOptions, CHUNKS_PATH, COMPLETE_HEADER, ENDPOINT_HEADER, NODE_HEADER,
+};
 
 /// Peers asked for one batch before the rest goes to the registry.
 const PEERS_PER_BATCH: usize = 2;
@@ -179,7 +185,7 @@ pub(crate) async fn ask_frames(
     // or takes longer than ANSWER_DEADLINE_FACTOR times that in all. Not when a whole
     // answer takes longer than `options.timeout`: a member sending steadily on an uplink
     // shared by many askers is slow, not stalled, and dropping it makes the swarm fetch
-    // its segments from the registry again (D23).
+    // its segments from the registry again (D19).
     let deadline = tokio::time::Instant::now() + options.timeout * ANSWER_DEADLINE_FACTOR;
     let quiet = |what: &str| (Failure::Timeout, format!("{what} within {} ms", options.timeout.as_millis()));
     let idle = || std::cmp::min(tokio::time::Instant::now() + options.timeout, deadline);
@@ -227,6 +233,66 @@ pub(crate) async fn ask_frames(
     })
     .await
     .map_err(|e| (Failure::Error, format!("decode task: {e}")))?
+}
+
+/// A peer's answer to a bitmap request (docs/API.md, "Peer API").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Bitmap {
+    /// It holds the snapshot complete.
+    Complete,
+    /// It is materializing the snapshot: bit `i` (byte `i / 8`, least significant first) is
+    /// set when it has the `i`-th distinct data chunk of the blob.
+    Partial(Vec<u8>),
+    /// It neither materializes nor holds the snapshot (404).
+    Unknown,
+}
+
+/// Who asks for a bitmap: the peer adds the asker to its swarm for the snapshot.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BitmapAsker<'a> {
+    /// This node's name.
+    pub(crate) node: &'a str,
+    /// Where peers reach this node, if it serves peers.
+    pub(crate) endpoint: Option<&'a str>,
+}
+
+/// Asks the peer at `endpoint` for its bitmap of `blob` in `snapshot`, within the peer
+/// timeout.
+pub(crate) async fn ask_bitmap(
+    http: &reqwest::Client,
+    options: &PeerOptions,
+    asker: BitmapAsker<'_>,
+    endpoint: &str,
+    snapshot: &Sha256Digest,
+    blob: &Sha256Digest,
+) -> Result<Bitmap, (Failure, String)> {
+    let scheme = if options.tls_ca.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{endpoint}{}", bitmap_path(snapshot, blob));
+    let mut req = http.get(&url).timeout(options.timeout).header(NODE_HEADER, asker.node);
+    if let Some(e) = asker.endpoint {
+        req = req.header(ENDPOINT_HEADER, e);
+    }
+    if let Some(t) = &options.token {
+        req = req.bearer_auth(t.as_str());
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => return Err((Failure::Timeout, format!("bitmap: {e}"))),
+        Err(e) => return Err((Failure::Error, format!("bitmap: {e}"))),
+    };
+    match resp.status().as_u16() {
+        200 => {}
+        // Not (or no longer) materializing it, and not holding it: nothing to get there.
+        404 => return Ok(Bitmap::Unknown),
+        s => return Err((Failure::Error, format!("bitmap answered HTTP {s}"))),
+    }
+    if resp.headers().contains_key(COMPLETE_HEADER) {
+        return Ok(Bitmap::Complete);
+    }
+    match resp.bytes().await {
+        Ok(b) => Ok(Bitmap::Partial(b.to_vec())),
+        Err(e) => Err((Failure::Error, format!("bitmap body: {e}"))),
+    }
 }
 
 impl ChunkSource for PeerSource {

@@ -174,7 +174,7 @@ async fn chunks(
     let served = cache.clone();
     let (body, count, corrupt) = tokio::task::spawn_blocking(move || build_answer(&served, &ids, &files))
         .await
-        .map_err(|e| CacheError::Index(format!("peer answer task: {e}")))?;
+        .map_err(|source| CacheError::Task { what: "peer answer", source })?;
     if corrupt > 0 && !cache.peers.scrubbing.swap(true, Ordering::SeqCst) {
         // A damaged cached file: find and drop the snapshots it belongs to.
         let c = cache.clone();

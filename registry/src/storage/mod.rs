@@ -7,6 +7,7 @@
 mod cache;
 mod chunks;
 pub(crate) mod durable;
+#[cfg(feature = "faults")]
 pub(crate) mod faults;
 mod fence;
 pub(crate) mod gc;

@@ -25,7 +25,8 @@ use thaw_schema::recipe::{Recipe, RecipeEntry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{ms, percentile, PASSWORD, USER};
+use crate::report::{ms, percentile};
+use crate::{PASSWORD, USER};
 
 const SLOW_READERS: usize = 32;
 const SLOWLORIS: usize = 128;

@@ -1,12 +1,16 @@
-//! Server TLS (rustls, `ring` provider) with certificate reload, for the registry's listener.
+//! TLS for thaw's daemons and clients: a reloading rustls server listener (`ring` provider)
+//! and the extra trust a reqwest client needs.
 //!
 //! The certificate and key files are re-read every [`RELOAD_POLL`] and on SIGHUP; when
 //! their bytes change and the new pair loads, new handshakes use it. A pair that fails to
 //! load (half-written, mismatched key, bad PEM) is logged and the old one kept. Connections
 //! already established keep the configuration they were accepted with.
 //!
-//! thaw-client carries the same module for the node cache and the extender; the registry
-//! keeps its own copy because services must not depend on one another (DESIGN).
+//! One crate for every user: the registry, the node cache and the extender serve through
+//! [`TlsListener`] (as an axum `Listener` with feature `axum`); the client and the node
+//! cache's peer client add CAs and a client certificate to a reqwest client with
+//! [`configure_client`] (feature `reqwest`). It depends on no thaw crate.
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -304,6 +308,7 @@ impl TlsListener {
     }
 }
 
+#[cfg(feature = "axum")]
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
@@ -315,4 +320,39 @@ impl axum::serve::Listener for TlsListener {
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local_addr)
     }
+}
+
+#[cfg(feature = "reqwest")]
+/// Adds trust in the CAs in `ca_files` (PEM bundles) to `builder`, on top of the built-in
+/// roots, and presents the client certificate `identity` (`(cert, key)` PEM files) if set.
+pub fn configure_client(
+    mut builder: reqwest::ClientBuilder,
+    ca_files: &[PathBuf],
+    identity: Option<(&Path, &Path)>,
+) -> Result<reqwest::ClientBuilder, TlsError> {
+    for path in ca_files {
+        let pem = read(path)?;
+        // Parse with rustls first: reqwest's own error does not name the file.
+        parse_certs(path, &pem)?;
+        let bundle = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| TlsError::Pem { path: path.clone(), why: format!("bad CA certificate: {e}") })?;
+        for ca in bundle {
+            builder = builder.add_root_certificate(ca);
+        }
+    }
+    if let Some((cert, key)) = identity {
+        let mut pem = read(cert)?;
+        parse_certs(cert, &pem)?;
+        let key_pem = read(key)?;
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+            path: key.to_owned(),
+            why: format!("no usable PRIVATE KEY: {e}"),
+        })?;
+        pem.push(b'\n');
+        pem.extend_from_slice(&key_pem);
+        let identity = reqwest::Identity::from_pem(&pem)
+            .map_err(|e| TlsError::Pem { path: cert.to_owned(), why: format!("client certificate: {e}") })?;
+        builder = builder.identity(identity);
+    }
+    Ok(builder)
 }
