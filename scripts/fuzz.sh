@@ -15,6 +15,9 @@
 # Environment:
 #   FUZZ_TARGETS     space-separated subset of targets (default: all)
 #   FUZZ_SANITIZER   address (default) or none
+#   FUZZ_PROFILE     dev or release; default dev for runs of 60 s or less (a smoke run: the
+#                    optimized, one-codegen-unit build of every dependency took most of a
+#                    fresh machine's CI time), release for longer ones
 #   FUZZ_LOCKED      1 (default): build with fuzz/Cargo.lock as committed; 0 lets cargo
 #                    update it (after a dependency change in a thaw crate run
 #                    `cargo update --manifest-path fuzz/Cargo.toml --workspace` and commit)
@@ -37,6 +40,10 @@ all_targets=(recipe_decode chunk_batch missing_query manifest_parse repo_name re
     auth_token authorization_header route_scope)
 read -r -a targets <<<"${FUZZ_TARGETS:-${all_targets[*]}}"
 sanitizer="${FUZZ_SANITIZER:-address}"
+if [ "$secs" -le 60 ]; then default_profile=dev; else default_profile=release; fi
+profile="${FUZZ_PROFILE:-$default_profile}"
+case "$profile" in dev) profile_flag=--dev; profile_dir=debug ;; release) profile_flag=--release; profile_dir=release ;;
+    *) echo "FUZZ_PROFILE must be dev or release, not $profile" >&2; exit 2 ;; esac
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "== installing cargo-fuzz"
@@ -51,12 +58,12 @@ if [ "${FUZZ_LOCKED:-1}" = 1 ]; then
     fi
 fi
 
-flags=(--sanitizer "$sanitizer" --target-dir "$target_dir")
+flags=(--sanitizer "$sanitizer" --target-dir "$target_dir" "$profile_flag")
 triple="$(rustc -vV | sed -n 's/^host: //p')"
-bin_dir="$target_dir/$triple/release"
+bin_dir="$target_dir/$triple/$profile_dir"
 
 build_start=$(date +%s)
-echo "== building all fuzz targets (sanitizer: $sanitizer)"
+echo "== building all fuzz targets (sanitizer: $sanitizer, profile: $profile)"
 cargo fuzz build "${flags[@]}"
 echo "== built in $(( $(date +%s) - build_start )) s"
 
