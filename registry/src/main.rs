@@ -58,6 +58,10 @@ struct Args {
     /// bcrypt checks of Basic credentials run at once, on threads of their own.
     #[arg(long, env = "THAW_CREDENTIAL_THREADS", default_value_t = thaw_registry::auth::DEFAULT_CREDENTIAL_THREADS)]
     credential_threads: usize,
+    /// Longest a request with Basic credentials waits for a credential-check thread before
+    /// it is answered 503 with Retry-After (retryable; nothing is said about the credentials).
+    #[arg(long, env = "THAW_CREDENTIAL_WAIT", value_parser = parse_duration, default_value = "10s")]
+    credential_wait: Duration,
     /// Requests per second allowed per client IP address (token bucket); 0 turns the rate
     /// limit off (the default). Past it: 429 TOOMANYREQUESTS with Retry-After.
     #[arg(long, env = "THAW_RATE_LIMIT", default_value_t = 0.0)]
@@ -282,8 +286,10 @@ async fn main() -> std::process::ExitCode {
     if let Some(path) = &args.auth_config {
         match thaw_registry::auth::Auth::load(path) {
             Ok(auth) => {
-                let auth =
-                    auth.with_tls(options.tls.is_some()).with_credential_threads(args.credential_threads);
+                let auth = auth
+                    .with_tls(options.tls.is_some())
+                    .with_credential_threads(args.credential_threads)
+                    .with_credential_wait(args.credential_wait);
                 options.auth = Some(std::sync::Arc::new(auth))
             }
             Err(e) => {

@@ -48,16 +48,7 @@ struct OwnedHold {
 
 impl Drop for OwnedHold {
     fn drop(&mut self) {
-        let mut st = self.cache.state.lock().expect("state lock");
-        for d in &self.pinned {
-            if let Some(n) = st.pins.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    st.pins.remove(d);
-                }
-            }
-        }
-        st.reserved -= self.reserved;
+        self.cache.state.lock().expect("state lock").unhold(&self.pinned, self.reserved);
     }
 }
 

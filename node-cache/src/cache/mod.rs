@@ -124,6 +124,20 @@ impl State {
     fn leased(&self, digest: &Sha256Digest) -> bool {
         self.leases.values().any(|l| l.record.digest == *digest)
     }
+
+    /// Undoes what a materialization (eager or lazy) held: one pin of each of `pinned`,
+    /// and `reserved` bytes of room.
+    fn unhold(&mut self, pinned: &[Sha256Digest], reserved: u64) {
+        for d in pinned {
+            if let Some(n) = self.pins.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pins.remove(d);
+                }
+            }
+        }
+        self.reserved -= reserved;
+    }
 }
 
 /// Directories under the cache directory.

@@ -132,7 +132,7 @@ fn decide(auth: &Auth, caller: &Caller, access: &Access, headers: &HeaderMap) ->
 }
 
 /// 503 with `Retry-After`: the credentials could not be checked yet (every bcrypt thread
-/// stayed busy for [`super::CREDENTIAL_WAIT`]); clients retry 503s.
+/// stayed busy for `--credential-wait`); clients retry 503s.
 fn credentials_busy(why: &str) -> Response {
     ApiError::new(ErrorCode::Unavailable, why)
         .with_status(StatusCode::SERVICE_UNAVAILABLE)

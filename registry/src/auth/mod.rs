@@ -193,6 +193,8 @@ pub struct Auth {
     /// Bounds bcrypt runs at once; they run on threads of their own, never on the blocking
     /// pool that ingest uses.
     checks: Arc<Semaphore>,
+    /// How long a check waits for a thread (`--credential-wait`).
+    check_wait: Duration,
 }
 
 /// Why a credential check did not answer.
@@ -206,7 +208,8 @@ pub enum CheckError {
 
 /// Default bcrypt checks run at once (`--credential-threads`).
 pub const DEFAULT_CREDENTIAL_THREADS: usize = 2;
-/// How long a credential check waits for a free thread before it gives up.
+/// How long a credential check waits for a free thread before it gives up (default of
+/// `--credential-wait`).
 pub const CREDENTIAL_WAIT: Duration = Duration::from_secs(10);
 /// How long a verified credential is remembered.
 pub const VERIFIED_TTL: Duration = Duration::from_secs(300);
@@ -277,12 +280,20 @@ impl Auth {
             verified_key: rand::random(),
             dummy_hash,
             checks: Arc::new(Semaphore::new(DEFAULT_CREDENTIAL_THREADS)),
+            check_wait: CREDENTIAL_WAIT,
         })
     }
 
     /// The same auth running at most `threads` bcrypt checks at once (at least 1).
     pub fn with_credential_threads(mut self, threads: usize) -> Self {
         self.checks = Arc::new(Semaphore::new(threads.max(1)));
+        self
+    }
+
+    /// The same auth giving up on a credential check (503, retryable) after waiting `wait`
+    /// for a thread.
+    pub fn with_credential_wait(mut self, wait: Duration) -> Self {
+        self.check_wait = wait;
         self
     }
 
@@ -330,14 +341,14 @@ impl Auth {
     }
 
     /// [`Auth::check_password`] on a thread of its own, at most `--credential-threads` at
-    /// once; waits up to [`CREDENTIAL_WAIT`] for a turn. A flood of bad passwords thus costs
+    /// once; waits up to `--credential-wait` ([`CREDENTIAL_WAIT`]) for a turn. A flood of bad passwords thus costs
     /// a bounded share of the CPU and never occupies the blocking pool ingest needs.
     pub async fn check_password_bounded(
         self: &Arc<Self>,
         user: String,
         password: String,
     ) -> Result<bool, CheckError> {
-        let permit = tokio::time::timeout(CREDENTIAL_WAIT, self.checks.clone().acquire_owned())
+        let permit = tokio::time::timeout(self.check_wait, self.checks.clone().acquire_owned())
             .await
             .map_err(|_| CheckError::Busy)?
             .map_err(|_| CheckError::Busy)?;
