@@ -349,14 +349,27 @@ impl Transport {
                 q.append_pair("scope", s);
             }
         }
-        let mut rb = self.http.get(url);
-        if let Some(c) = &self.credentials {
-            rb = rb.header("authorization", c.basic_header());
-        }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| Error::Transport { op: format!("{op} (token request to {realm})"), source: e })?;
+        // A busy token service (503 while the registry's credential checks are queued, 429)
+        // is retried like any other request: the credentials were not judged.
+        let mut retries = 0;
+        let resp = loop {
+            let mut rb = self.http.get(url.clone());
+            if let Some(c) = &self.credentials {
+                rb = rb.header("authorization", c.basic_header());
+            }
+            let resp = rb.send().await.map_err(|e| Error::Transport {
+                op: format!("{op} (token request to {realm})"),
+                source: e,
+            })?;
+            if is_transient_status(resp.status()) && retries + 1 < self.retry.attempts {
+                let wait =
+                    retry_after(&resp).unwrap_or_else(|| self.retry.delay(retries)).min(self.retry.max_delay);
+                retries += 1;
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            break resp;
+        };
         let status = resp.status();
         let body = resp
             .bytes()

@@ -180,3 +180,46 @@ async fn transient_failures_are_retried_with_backoff() {
     let err = client_for(&reference).tags("fn/x").await.unwrap_err();
     assert!(matches!(err, Error::Registry { status: 502, .. }), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_token_service_is_retried() {
+    // The registry answers 503 with Retry-After while its credential checks are queued: the
+    // credentials were not judged, so the client asks again instead of failing.
+    let token_calls = Arc::new(AtomicUsize::new(0));
+    let seen = token_calls.clone();
+    let host = serve_raw(Arc::new(move |r: &RawRequest| {
+        let host = r.header("host").unwrap_or_default().to_owned();
+        if r.path.starts_with("/token") {
+            if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+                return RawResponse {
+                    status: 503,
+                    headers: vec![("retry-after", "0".into())],
+                    body:
+                        br#"{"errors":[{"code":"UNAVAILABLE","message":"busy checking other credentials"}]}"#
+                            .to_vec(),
+                    declared: None,
+                };
+            }
+            return json(r#"{"token":"T-1","expires_in":300}"#);
+        }
+        if r.header("authorization") != Some("Bearer T-1") {
+            return unauthorized(format!(
+                r#"Bearer realm="http://{host}/token",service="fake-registry",scope="repository:fn/x:pull""#
+            ));
+        }
+        match r.path.as_str() {
+            "/v2/fn/x/tags/list?n=1000" => json(r#"{"name":"fn/x","tags":["t"]}"#),
+            _ => RawResponse { status: 404, headers: vec![], body: vec![], declared: None },
+        }
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = Reference::parse(&format!("{host}/fn/x")).unwrap();
+    let options = ClientOptions {
+        docker_config: Some(docker_config(dir.path(), &host, "alice", "secret")),
+        ..test_options()
+    };
+    let registry = Registry::for_reference(&reference, &options, Arc::new(Stats::new())).unwrap();
+    assert_eq!(registry.tags("fn/x").await.unwrap(), ["t"]);
+    assert_eq!(token_calls.load(Ordering::SeqCst), 3, "two busy answers, then the token");
+}
