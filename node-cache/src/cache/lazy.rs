@@ -221,28 +221,14 @@ impl Cache {
         let mut hold = OwnedHold { cache: self.clone(), pinned: Vec::new(), reserved: estimate };
         self.finish_evictions(evicted).await?;
         let found = tokio::task::block_in_place(|| self.index.locate(&ids))?;
-        let sources: HashMap<ChunkId, LocalChunk> = {
-            let mut st = self.state.lock().expect("state lock");
-            let mut sources = HashMap::new();
-            let mut pinned = HashSet::new();
-            for (id, locs) in &found {
-                let usable = locs.iter().find_map(|loc| {
-                    let rec = st.snapshots.get(&loc.snapshot)?;
-                    let file = rec.files.get(usize::from(loc.file))?;
-                    Some((*loc, self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title)))
-                });
-                if let Some((loc, path)) = usable {
-                    pinned.insert(loc.snapshot);
-                    sources
-                        .insert(*id, LocalChunk { path: Arc::new(path), offset: loc.offset, len: loc.len });
-                }
-            }
-            for d in &pinned {
-                *st.pins.entry(*d).or_default() += 1;
-            }
-            hold.pinned = pinned.into_iter().collect();
-            sources
-        };
+        let (found, pinned) = self.pin_local_copies(&found);
+        hold.pinned = pinned;
+        let sources: HashMap<ChunkId, LocalChunk> = found
+            .into_iter()
+            .map(|(id, (loc, path))| {
+                (id, LocalChunk { path: Arc::new(path), offset: loc.offset, len: loc.len })
+            })
+            .collect();
 
         let work = self.dirs.work.join(format!("{}.{}", digest.hex(), fsutil::nonce()));
         std::fs::create_dir_all(&work).map_err(|e| CacheError::io("creating", &work, e))?;

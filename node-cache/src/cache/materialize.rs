@@ -41,6 +41,33 @@ impl Drop for Hold<'_> {
 }
 
 impl Cache {
+    /// For each chunk the index `found` on disk, the first copy in a cached snapshot that is
+    /// still recorded, with its file's path; pins each snapshot used (undone by
+    /// [`State::unhold`]) and answers them too.
+    pub(super) fn pin_local_copies(
+        &self,
+        found: &HashMap<ChunkId, Vec<ChunkLocation>>,
+    ) -> (HashMap<ChunkId, (ChunkLocation, PathBuf)>, Vec<Sha256Digest>) {
+        let mut st = self.state.lock().expect("state lock");
+        let mut sources = HashMap::new();
+        let mut pinned = HashSet::new();
+        for (id, locs) in found {
+            let usable = locs.iter().find_map(|loc| {
+                let rec = st.snapshots.get(&loc.snapshot)?;
+                let file = rec.files.get(usize::from(loc.file))?;
+                Some((*loc, self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title)))
+            });
+            if let Some((loc, path)) = usable {
+                pinned.insert(loc.snapshot);
+                sources.insert(*id, (loc, path));
+            }
+        }
+        for d in &pinned {
+            *st.pins.entry(*d).or_default() += 1;
+        }
+        (sources, pinned.into_iter().collect())
+    }
+
     /// Fetches the snapshot into `work/`, verifies it, moves it into `snapshots/` and
     /// records it. The caller holds the digest's flight lock.
     pub(super) async fn materialize(
@@ -123,27 +150,8 @@ impl Cache {
         let mut hold = Hold { cache: self, pinned: Vec::new(), reserved: estimate };
         self.finish_evictions(evicted).await?;
         let found = if use_local { self.index.locate(&ids)? } else { HashMap::new() };
-        let sources = {
-            let mut st = self.state.lock().expect("state lock");
-            let mut sources: HashMap<ChunkId, (ChunkLocation, PathBuf)> = HashMap::new();
-            let mut pinned = HashSet::new();
-            for (id, locs) in &found {
-                let usable = locs.iter().find_map(|loc| {
-                    let rec = st.snapshots.get(&loc.snapshot)?;
-                    let file = rec.files.get(usize::from(loc.file))?;
-                    Some((*loc, self.dirs.snapshots.join(loc.snapshot.hex()).join(&file.title)))
-                });
-                if let Some((loc, path)) = usable {
-                    pinned.insert(loc.snapshot);
-                    sources.insert(*id, (loc, path));
-                }
-            }
-            for d in &pinned {
-                *st.pins.entry(*d).or_default() += 1;
-            }
-            hold.pinned = pinned.into_iter().collect();
-            sources
-        };
+        let (sources, pinned) = self.pin_local_copies(&found);
+        hold.pinned = pinned;
 
         let work = self.dirs.work.join(format!("{}.{}", digest.hex(), fsutil::nonce()));
         std::fs::create_dir_all(&work).map_err(|e| CacheError::io("creating", &work, e))?;
