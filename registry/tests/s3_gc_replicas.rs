@@ -14,6 +14,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -45,8 +46,6 @@ impl Bucket {
         let mut env = Minio::shared().env();
         let spool = self.dir.path().join(format!("{name}.uploads"));
         env.push(("THAW_UPLOAD_DIR", spool.display().to_string()));
-        // Under faketime: shift the wall clock only; durations and timers stay true.
-        env.push(("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()));
         env.extend(extra.iter().cloned());
         env
     }
@@ -55,10 +54,10 @@ impl Bucket {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// A replica named `name` (its log is `<name>.log`), run through `wrapper`.
-    async fn replica(&self, name: &str, wrapper: &[&str], extra: &[(&'static str, String)]) -> BinRegistry {
+    /// A replica named `name` (its log is `<name>.log`).
+    async fn replica(&self, name: &str, extra: &[(&'static str, String)]) -> BinRegistry {
         let log = self.dir.path().join(format!("{name}.log"));
-        BinRegistry::start_wrapped(wrapper, self.storage.as_ref(), &log, &self.env(name, extra)).await
+        BinRegistry::start_with(self.storage.as_ref(), &log, &self.env(name, extra)).await
     }
 
     fn objects(&self) -> Arc<dyn ObjectStore> {
@@ -95,14 +94,12 @@ impl Bucket {
 
     /// Runs `thaw-registry gc` over the bucket (through `wrapper`) to its end: whether it
     /// succeeded, and its output.
-    async fn gc(&self, wrapper: &[&str], grace: &str) -> (bool, String) {
-        let mut argv: Vec<String> = wrapper.iter().map(|s| (*s).to_owned()).collect();
-        argv.push(env!("CARGO_BIN_EXE_thaw-registry").to_owned());
-        argv.extend(["gc", "--storage", self.storage.as_str(), "--grace", grace].map(str::to_owned));
-        let env = self.env("gc", &[]);
+    async fn gc(&self, extra: &[(&'static str, String)], grace: &str) -> (bool, String) {
+        let args = ["gc", "--storage", self.storage.as_str(), "--grace", grace].map(str::to_owned);
+        let env = self.env("gc", extra);
         tokio::task::spawn_blocking(move || {
-            let out = std::process::Command::new(&argv[0])
-                .args(&argv[1..])
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_thaw-registry"))
+                .args(&args)
                 .env_remove("THAW_STORAGE")
                 .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                 .output()
@@ -114,6 +111,25 @@ impl Bucket {
         .await
         .expect("gc thread")
     }
+}
+
+/// libfaketime as Debian installs it (`install-test-deps.sh` installs the package).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The environment that runs a process with its wall clock `offset` off (libfaketime's
+/// syntax, e.g. `+12m`), durations and timers left true. The library is preloaded into the
+/// registry itself rather than run through the `faketime` wrapper, which forks: killing the
+/// wrapper would leave the registry running.
+fn clock_off(offset: &str) -> Vec<(&'static str, String)> {
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: install Debian's faketime (scripts/install-test-deps.sh does)"
+    );
+    vec![
+        ("LD_PRELOAD", LIBFAKETIME.to_owned()),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ]
 }
 
 /// What a push attempt came to.
@@ -274,7 +290,7 @@ async fn make_garbage(c: &Client, base: &str, repo: &str, count: usize, seed: u6
 async fn a_replica_killed_in_its_gc_sweep_loses_nothing_acknowledged_and_the_next_run_finishes_it() {
     let bucket = Bucket::new("gc-kill");
     let c = client();
-    let b = bucket.replica("b", &[], &[]).await;
+    let b = bucket.replica("b", &[]).await;
     let acked = Arc::new(Mutex::new(Acked::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut garbage: Vec<Vec<u8>> = make_garbage(&c, &b.base, "dead/app", 150, 1).await;
@@ -287,7 +303,7 @@ async fn a_replica_killed_in_its_gc_sweep_loses_nothing_acknowledged_and_the_nex
     let mut open_epoch = None;
     for attempt in 0..4u64 {
         let gc_env = [("THAW_GC_INTERVAL", "1s".to_owned()), ("THAW_GC_GRACE", "0s".to_owned())];
-        let mut a = bucket.replica(&format!("a{attempt}"), &[], &gc_env).await;
+        let mut a = bucket.replica(&format!("a{attempt}"), &gc_env).await;
         let deadline = Instant::now() + Duration::from_secs(120);
         let before: Vec<u64> = bucket.sweeps().await.into_keys().collect();
         loop {
@@ -361,7 +377,7 @@ async fn a_replica_killed_in_its_gc_sweep_loses_nothing_acknowledged_and_the_nex
     );
 
     // Every replica, including a new one that has seen nothing, serves everything acknowledged.
-    let fresh = bucket.replica("fresh", &[], &[]).await;
+    let fresh = bucket.replica("fresh", &[]).await;
     for base in [&b.base, &fresh.base] {
         for (repo, data) in &acked.blobs {
             assert_blob(&c, base, repo, data, "acknowledged beside GC").await;
@@ -431,8 +447,8 @@ fn log_clock_offset(log: &str) -> i64 {
 async fn replicas_24_minutes_apart_serve_each_others_blobs() {
     let bucket = Bucket::new("skew-read");
     let c = client();
-    let ahead = bucket.replica("ahead", &["faketime", "-f", "+12m"], &[]).await;
-    let behind = bucket.replica("behind", &["faketime", "-f", "-12m"], &[]).await;
+    let ahead = bucket.replica("ahead", &clock_off("+12m")).await;
+    let behind = bucket.replica("behind", &clock_off("-12m")).await;
 
     let first = Rng::new(1).bytes(300 * KIB);
     let second = Rng::new(2).bytes(300 * KIB);
@@ -475,7 +491,7 @@ async fn replicas_24_minutes_apart_serve_each_others_blobs() {
 async fn gc_on_a_replica_with_a_clock_ahead_keeps_what_is_younger_than_the_grace() {
     let bucket = Bucket::new("skew-gc");
     let c = client();
-    let serving = bucket.replica("serving", &["faketime", "-f", "-12m"], &[]).await;
+    let serving = bucket.replica("serving", &clock_off("-12m")).await;
     let repo = "skew/gc";
 
     // Chunks uploaded and acknowledged (200), their commit still to come.
@@ -494,7 +510,7 @@ async fn gc_on_a_replica_with_a_clock_ahead_keeps_what_is_younger_than_the_grace
     assert!(matches!(push_blob(&c, &serving.base, repo, &linked, 3).await, Pushed::Acknowledged));
 
     // GC with a 10-minute grace on a clock 12 minutes ahead.
-    let (ok, out) = bucket.gc(&["faketime", "-f", "+12m"], "10m").await;
+    let (ok, out) = bucket.gc(&clock_off("+12m"), "10m").await;
     assert!(ok, "gc under a skewed clock failed:\n{out}");
     let offset = log_clock_offset(&out);
     assert!(
@@ -520,7 +536,7 @@ async fn gc_on_a_replica_with_a_clock_ahead_keeps_what_is_younger_than_the_grace
         "committing chunks uploaded within the grace period: {}\ngc said:\n{out}",
         body_text(resp).await
     );
-    let other = bucket.replica("other", &[], &[]).await;
+    let other = bucket.replica("other", &[]).await;
     for base in [&serving.base, &other.base] {
         assert_blob(&c, base, repo, &blob, "committed after GC").await;
         assert_blob(&c, base, repo, &linked, "linked before GC").await;
@@ -555,8 +571,8 @@ async fn thaw_push(c: &Client, base: &str, repo: &str, blob: &[u8]) {
 async fn a_replica_that_only_reads_follows_a_pack_rewritten_by_gc_elsewhere() {
     let bucket = Bucket::new("gc-rewrite");
     let c = client();
-    let writer = bucket.replica("writer", &[], &[]).await;
-    let reader = bucket.replica("reader", &[], &[]).await;
+    let writer = bucket.replica("writer", &[]).await;
+    let reader = bucket.replica("reader", &[]).await;
     let repo = "rewrite/app";
     // X: four chunks, stored in one pack. Y: X's first chunk and a new one.
     let x = Rng::new(21).bytes(256 * KIB);

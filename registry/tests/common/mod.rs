@@ -391,30 +391,10 @@ impl BinRegistry {
     /// Starts the binary with `--storage storage` (a directory or `s3://…`) and extra
     /// environment variables (`AWS_*` for S3), on a free loopback port.
     pub(crate) async fn start_with(storage: &std::ffi::OsStr, log: &Path, env: &[(&str, String)]) -> Self {
-        Self::start_wrapped(&[], storage, log, env).await
-    }
-
-    /// Like [`BinRegistry::start_with`], run through `wrapper` (a command and its arguments
-    /// that run the rest of the command line, e.g. `faketime -f +10m`).
-    pub(crate) async fn start_wrapped(
-        wrapper: &[&str],
-        storage: &std::ffi::OsStr,
-        log: &Path,
-        env: &[(&str, String)],
-    ) -> Self {
         let addr = free_port();
         let log_file =
             std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open registry log");
-        let binary = env!("CARGO_BIN_EXE_thaw-registry");
-        let mut command = match wrapper.split_first() {
-            None => Command::new(binary),
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(binary);
-                c
-            }
-        };
-        let child = command
+        let child = Command::new(env!("CARGO_BIN_EXE_thaw-registry"))
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--storage")
