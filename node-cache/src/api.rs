@@ -84,6 +84,9 @@ async fn disk(State(cache): State<Arc<Cache>>) -> Result<Response> {
 }
 
 async fn metrics(State(cache): State<Arc<Cache>>) -> Response {
-    let text = cache.metrics.render() + &cache.peers.render() + &cache.lazy.render();
+    let text = cache.metrics.render()
+        + &cache.peers.render()
+        + &cache.lazy.render()
+        + &cache.lazy.working_sets.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -25,6 +25,6 @@ mod metrics;
 pub mod peer;
 mod swarm;
 
-pub use cache::{Cache, CacheConfig, DiskReport, ScrubReport};
+pub use cache::{Cache, CacheConfig, DiskReport, ScrubReport, WorkingSetMode, WorkingSetOptions};
 pub use error::{CacheError, Result};
 pub use peer::{PeerOptions, PeerToken};

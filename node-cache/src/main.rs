@@ -11,7 +11,9 @@ use clap::{Parser, ValueEnum};
 use thaw_client::{ClientOptions, Registry, Stats};
 use thaw_node_cache::holdings::{run_publisher, RegistryDirectory};
 use thaw_node_cache::kube_publisher::KubePublisher;
-use thaw_node_cache::{api, peer, Cache, CacheConfig, PeerOptions, PeerToken};
+use thaw_node_cache::{
+    api, peer, Cache, CacheConfig, PeerOptions, PeerToken, WorkingSetMode, WorkingSetOptions,
+};
 
 /// Where holdings are published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -20,6 +22,17 @@ enum Holdings {
     Registry,
     /// The node's `NodeSnapshotCache` status, by server-side apply.
     Kube,
+}
+
+/// What lazy restores do with working sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WorkingSets {
+    /// Fetch a snapshot's working set first; record and publish one when it has none.
+    Share,
+    /// Fetch a snapshot's working set first; never publish one.
+    Use,
+    /// Ignore working sets.
+    Off,
 }
 
 /// A bounded snapshot cache on a worker node: restores snapshots from the chunks it lacks.
@@ -109,6 +122,15 @@ struct Args {
     /// (mutual TLS; the cluster token is still checked). Needs --peer-tls-cert.
     #[arg(long, env = "THAW_PEER_TLS_CLIENT_CA", value_name = "FILE", requires = "peer_tls_cert")]
     peer_tls_client_ca: Option<PathBuf>,
+    /// Lazy restores: `share` fetches a snapshot's working set (the chunks its first restore
+    /// touched, in order) first, and records and publishes one to the registry when it has
+    /// none (needs push on the repository); `use` never publishes; `off` ignores them.
+    #[arg(long, env = "THAW_WORKING_SETS", value_enum, default_value = "share")]
+    working_sets: WorkingSets,
+    /// Milliseconds without a new chunk touched after which a first restore's working set is
+    /// published.
+    #[arg(long, env = "THAW_WORKING_SET_QUIET_MS", default_value_t = 3000)]
+    working_set_quiet_ms: u64,
     /// Trust the CA certificates in this PEM file for the registry, besides the system roots.
     #[arg(long, env = "THAW_CA_CERT", value_name = "FILE")]
     ca_cert: Vec<PathBuf>,
@@ -227,6 +249,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         peer: peer_options,
         lease_ttl: Duration::from_secs(args.lease_ttl),
         publish_root: args.publish_root.clone(),
+        working_sets: WorkingSetOptions {
+            mode: match args.working_sets {
+                WorkingSets::Share => WorkingSetMode::Share,
+                WorkingSets::Use => WorkingSetMode::Use,
+                WorkingSets::Off => WorkingSetMode::Off,
+            },
+            quiet: Duration::from_millis(args.working_set_quiet_ms),
+        },
     };
     thaw_schema::holdings::validate_node_name(&args.node_name)?;
     let cache = Cache::open(config)?;

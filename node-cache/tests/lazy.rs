@@ -9,96 +9,24 @@ mod support;
 
 #[path = "support/firecracker_stand_in.rs"]
 mod firecracker_stand_in;
+#[path = "support/lazy.rs"]
+mod lazy_support;
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use firecracker_stand_in::{FirecrackerStandIn, PAGE};
+use lazy_support::{
+    access_trace, ensure_lazy, metric, metrics, touch_and_check, wait_cached, PAGES_DEADLINE,
+};
 use serde_json::{json, Value};
-use support::common::{serve_raw, RawRequest, RawResponse, Rng};
+use support::common::{serve_raw, RawRequest, RawResponse};
 use support::{push, NodeCache, RegistryProcess, SnapshotData};
 use thaw_schema::batch::{encode_entry, BATCH_MAGIC};
 use thaw_schema::dto::decode_chunk_id_query;
 use thaw_schema::frame::EncodedChunk;
 use thaw_schema::ChunkId;
-
-/// Longest a test waits for a set of pages before it fails.
-const PAGES_DEADLINE: Duration = Duration::from_secs(120);
-
-async fn ensure_lazy(node: &NodeCache, reference: &str) -> Value {
-    let (status, body) =
-        node.post("/v1/snapshots/ensure", json!({ "reference": reference, "memory": "uffd" })).await;
-    assert_eq!(status, 200, "lazy ensure {reference}: {body}");
-    body
-}
-
-/// A replayed access pattern: what a function touches first (a few runs of neighbouring
-/// pages here and there, as a process's stack, heap and code pages are), seeded.
-fn access_trace(pages: usize, seed: u64) -> Vec<usize> {
-    let mut rng = Rng::new(seed);
-    let mut trace = Vec::new();
-    for _ in 0..40 {
-        let start = rng.below(pages as u64) as usize;
-        let run = 1 + rng.below(12) as usize;
-        trace.extend((start..(start + run).min(pages)).map(|p| p * PAGE));
-    }
-    trace
-}
-
-/// Reads `offsets` from `threads` threads at once and checks every page against `memory`.
-/// Panics if a page differs, or if they are not all read within `deadline` (the threads
-/// are then left blocked; the test process ends with the panic).
-fn touch_and_check(
-    vm: &Arc<FirecrackerStandIn>,
-    memory: &Arc<Vec<u8>>,
-    offsets: Vec<usize>,
-    threads: usize,
-    deadline: Duration,
-) {
-    let (done, finished) = mpsc::channel();
-    let offsets = Arc::new(offsets);
-    for t in 0..threads {
-        let (vm, memory, offsets, done) = (vm.clone(), memory.clone(), offsets.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut wrong = Vec::new();
-            for (i, &offset) in offsets.iter().enumerate() {
-                if i % threads != t {
-                    continue;
-                }
-                if vm.read_page(offset)[..] != memory[offset..offset + PAGE] {
-                    wrong.push(offset);
-                }
-            }
-            let _ = done.send(wrong);
-        });
-    }
-    let until = Instant::now() + deadline;
-    for _ in 0..threads {
-        let left = until.saturating_duration_since(Instant::now());
-        let wrong = finished.recv_timeout(left).expect("pages were not all served in time");
-        assert!(wrong.is_empty(), "pages at offsets {wrong:?} differ from the memory file");
-    }
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
-async fn metrics(node: &NodeCache) -> String {
-    reqwest::get(node.url("/metrics")).await.unwrap().text().await.unwrap()
-}
-
-/// Polls until the node lists `digest` as cached (its background fill recorded it).
-async fn wait_cached(node: &NodeCache, digest: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !node.cached().await.iter().any(|d| d == digest) {
-        assert!(Instant::now() < deadline, "the lazily restored snapshot was never recorded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_served_by_fault_is_the_memory_files_and_the_snapshot_completes() {

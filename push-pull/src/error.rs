@@ -141,6 +141,12 @@ impl Error {
         matches!(self, Self::Registry { status: 404, .. })
     }
 
+    /// True when the registry refused the caller: 401 or 403, or credentials it rejected
+    /// (no push right, say).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, Self::Registry { status: 401 | 403, .. } | Self::Auth { .. })
+    }
+
     /// What a person could try next, when there is a useful suggestion.
     pub fn hint(&self) -> Option<&'static str> {
         match self {

@@ -45,7 +45,7 @@ pub use local::ChunkCache;
 pub use pull::{pull, PullOptions, PullReport, PulledFile};
 pub use push::{push, push_dir, PushOptions, PushReport, PushedFile};
 pub use reference::{parse_registry_url, Reference};
-pub use registry::{ClientOptions, FetchedManifest, Registry};
+pub use registry::{ClientOptions, FetchedManifest, Referrer, Registry};
 pub use stats::{Stats, StatsSnapshot};
 pub use transport::RetryPolicy;
 pub use upload::{UploadOptions, UploadedBlob};

@@ -1,5 +1,5 @@
 //! [`Registry`]: the OCI Distribution calls thaw needs, against any registry (manifests, blobs,
-//! uploads, tags). The `_thaw` extension calls are in `thaw_api`.
+//! uploads, tags, referrers). The `_thaw` extension calls are in `thaw_api`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,6 +66,21 @@ pub struct FetchedManifest {
     pub media_type: String,
     /// The manifest digest.
     pub digest: Sha256Digest,
+}
+
+/// One manifest of a referrers answer (`GET /v2/<name>/referrers/<digest>`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Referrer {
+    /// The referring manifest's media type.
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    /// Its digest.
+    pub digest: Sha256Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its `artifactType`, when it has one.
+    #[serde(rename = "artifactType", default)]
+    pub artifact_type: Option<String>,
 }
 
 /// A client for one registry host. Cheap to share behind `Arc`; all calls take `&self`.
@@ -398,6 +413,40 @@ impl Registry {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Error::protocol(op, "upload answer without a Location header"))?;
         self.transport.resolve(loc)
+    }
+
+    /// The manifests that name `subject` as their subject (the referrers API), those of
+    /// `artifact_type` when given (filtered here too: a registry may ignore the filter). A
+    /// registry without the referrers API (404) has none. At most 1 MiB of answer is read.
+    pub async fn referrers(
+        &self,
+        repository: &str,
+        subject: &Sha256Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>> {
+        #[derive(Deserialize)]
+        struct Index {
+            #[serde(default)]
+            manifests: Vec<Referrer>,
+        }
+        let op = format!("listing referrers of {}/{repository}@{subject}", self.host());
+        let mut url = self.path_url(&format!("/v2/{repository}/referrers/{subject}"));
+        if let Some(t) = artifact_type {
+            url.query_pairs_mut().append_pair("artifactType", t);
+        }
+        let req = Request::new(Method::GET, url, Scope::Pull(repository.to_owned()));
+        let body = match self.transport.fetch_all(&op, &req, &[200], 1024 * 1024).await {
+            Ok((_, body)) => body,
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let index: Index = serde_json::from_slice(&body)
+            .map_err(|e| Error::protocol(&op, format!("the referrers answer is not an index: {e}")))?;
+        Ok(index
+            .manifests
+            .into_iter()
+            .filter(|r| artifact_type.is_none() || r.artifact_type.as_deref() == artifact_type)
+            .collect())
     }
 
     /// All tags of a repository, following `Link` pagination.

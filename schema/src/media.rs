@@ -14,6 +14,11 @@ pub const DISK_LAYER: &str = "application/vnd.thaw.snapshot.disk.v1";
 pub const INFO_LAYER: &str = "application/vnd.thaw.snapshot.info.v1+json";
 /// A blob's recipe.
 pub const RECIPE: &str = "application/vnd.thaw.recipe.v1";
+/// `artifactType` of a working set: the order a restored VM first touched its memory's
+/// chunks, a referrer of the snapshot manifest (docs/FORMAT.md, "Working set").
+pub const WORKING_SET_ARTIFACT: &str = "application/vnd.thaw.working-set.v1";
+/// Layer of a working-set manifest: the binary list of recipe entry indexes.
+pub const WORKING_SET_LAYER: &str = "application/vnd.thaw.working-set.order.v1";
 /// A batch of encoded chunks.
 pub const CHUNK_BATCH: &str = "application/vnd.thaw.chunks.v1";
 /// A binary missing-chunks query: raw chunk ids (docs/FORMAT.md).

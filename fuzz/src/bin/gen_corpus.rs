@@ -14,6 +14,7 @@ use thaw_schema::frame::EncodedChunk;
 use thaw_schema::manifest::{snapshot_manifest, SnapshotFile};
 use thaw_schema::media::{self, FileRole};
 use thaw_schema::recipe::RecipeBuilder;
+use thaw_schema::working_set::WorkingSet;
 use thaw_schema::{ChunkId, Sha256Digest};
 
 fn put(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
@@ -47,6 +48,11 @@ fn main() {
         put(&dir, "recipe_decode", &format!("{name}-whole"), &with_mode(0, r));
         put(&dir, "recipe_decode", &format!("{name}-body"), &with_mode(1, &r[..r.len() - 32]));
     }
+
+    // working_set_decode: the example of docs/FORMAT.md, and an empty list.
+    let example = WorkingSet { memory: Sha256Digest::of(b"memory"), entry_count: 4, order: vec![3, 0] };
+    put(&dir, "working_set_decode", "example", &example.encode());
+    put(&dir, "working_set_decode", "empty", &WorkingSet { order: Vec::new(), ..example }.encode());
 
     // chunk_batch: mode 0 = batch, mode 1 = frame.
     let text = b"thaw thaw thaw thaw thaw thaw thaw thaw".repeat(20);

@@ -4,8 +4,10 @@
 //! A miss writes the snapshot's files but the memory file into `work/` as an eager restore
 //! does (verified), takes a lease with private copies of them, starts the lease's page
 //! server over a memory file that is filled in the background, and answers. The background
-//! fill holds the digest's flight lock, the reservation and the pins an eager restore
-//! would hold; when the memory file is complete it is checked against its digest, the
+//! fill first looks for the snapshot's working set (`working_set.rs`) and fetches its chunks
+//! first; without one, the page server records one for publishing. The background fill
+//! holds the digest's flight lock, the reservation and the pins an eager restore would
+//! hold; when the memory file is complete it is checked against its digest, the
 //! directory is moved into `snapshots/` and recorded, and the leases taken meanwhile are
 //! written to the index. A crash before that leaves only `work/`, emptied at start, and
 //! leases the index never held: the cache restarts as if the restore had never begun.
@@ -28,6 +30,7 @@ use thaw_schema::media::FileRole;
 use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
 use tokio::sync::OwnedMutexGuard;
 
+use super::working_set::{Subject, WorkingSetMode};
 use super::{now_ms, ActiveEnsure, Cache, Lease};
 use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
@@ -55,6 +58,8 @@ impl Drop for OwnedHold {
 /// What the background fill needs to record the snapshot when the memory file is done.
 struct Pending {
     reference: Reference,
+    /// The snapshot manifest, for its working set.
+    subject: Subject,
     digest: Sha256Digest,
     layers: Vec<(FileLayer, Option<Recipe>)>,
     work: PathBuf,
@@ -270,8 +275,11 @@ impl Cache {
             registry: self.registry.clone(),
             repository: reference.repository().to_owned(),
         };
-        let fill =
-            Arc::new(MemoryFill::filling(memory_recipe, file, local, remote, self.lazy.metrics.clone()));
+        let record = self.config.working_sets.mode == WorkingSetMode::Share;
+        let fill = Arc::new(
+            MemoryFill::filling(memory_recipe, file, local, remote, self.lazy.metrics.clone())
+                .recording(record),
+        );
         let files = layers
             .iter()
             .enumerate()
@@ -291,7 +299,16 @@ impl Cache {
             return resp;
         }
         self.lazy.insert(digest, restoring.clone());
-        let pending = Pending { reference: reference.clone(), digest, layers, work, restoring, hold, flight };
+        let subject = Subject {
+            reference: reference.clone(),
+            manifest: thaw_schema::manifest::Reference {
+                digest,
+                size: manifest.body.len() as u64,
+                media_type: manifest.media_type.clone(),
+            },
+        };
+        let pending =
+            Pending { reference: reference.clone(), subject, digest, layers, work, restoring, hold, flight };
         let cache = self.clone();
         tokio::spawn(async move { cache.complete_lazy(pending).await });
         resp
@@ -462,7 +479,8 @@ impl Cache {
             let cache = self.clone();
             move || cache.state.lock().expect("state lock").leased(&digest)
         };
-        let recorded = match fill.run_background(wanted).await {
+        let first = self.working_set_for(&p.subject, &fill).await;
+        let recorded = match fill.run_background(&first, wanted).await {
             Ok(()) => match self.record_lazy(&p).await {
                 Ok(()) => true,
                 Err(e) => {

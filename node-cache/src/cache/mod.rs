@@ -3,7 +3,8 @@
 //! Rooms: this file opens the cache (recovery) and answers `ensure` (hit or miss);
 //! `materialize` restores a miss, `evict` makes room and scrubs, `leases` and `spares` keep
 //! what a hit hands out, `flush` writes volatile state, `report` answers listings and
-//! holdings, `publish` pushes a local snapshot, `peer_io` reads chunks for the peer service.
+//! holdings, `publish` pushes a local snapshot, `peer_io` reads chunks for the peer service,
+//! `lazy` restores by page fault and `working_set` finds and publishes working sets for it.
 //!
 //! On disk, under the cache directory:
 //!
@@ -51,9 +52,11 @@ mod peer_io;
 mod publish;
 mod report;
 mod spares;
+mod working_set;
 pub(crate) use peer_io::ChunkPlace;
 
 pub use evict::{DiskReport, ScrubReport};
+pub use working_set::{WorkingSetMode, WorkingSetOptions};
 
 /// How the cache is set up.
 #[derive(Debug, Clone)]
@@ -79,6 +82,8 @@ pub struct CacheConfig {
     /// The only directory tree `publish` reads snapshots from (canonical); `None` turns
     /// publishing off.
     pub publish_root: Option<PathBuf>,
+    /// Lazy restores: using, recording and publishing working sets.
+    pub working_sets: WorkingSetOptions,
 }
 
 /// One lease: a snapshot in use, and its private disk copy.

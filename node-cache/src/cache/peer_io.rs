@@ -115,6 +115,7 @@ mod tests {
             peer: PeerOptions { max_uploads_per_peer: 2, max_uploads: 3, ..PeerOptions::default() },
             lease_ttl: Duration::from_secs(600),
             publish_root: None,
+            working_sets: Default::default(),
         };
         let cache = Cache::open(config).unwrap();
         let (one, two, three): (IpAddr, IpAddr, IpAddr) =

@@ -8,9 +8,11 @@
 //! checked again: no byte reaches guest memory without its BLAKE3 id matching.
 //!
 //! Faults fetch exactly the chunks of the unit they need, at once, up to
-//! [`FAULT_FETCHES`] requests in flight; the background fill walks the file in order with
-//! at most [`BACKGROUND_FETCHES`] batches in flight, so a fault never queues behind more
-//! than that on the link.
+//! [`FAULT_FETCHES`] requests in flight; the background fill fetches a working set's chunks
+//! first, in its order, then walks the file in order, with at most [`BACKGROUND_FETCHES`]
+//! batches in flight, so a fault never queues behind more than that on the link. A fill
+//! made for a first restore also records which chunks the VMs touch first
+//! ([`MemoryFill::record_unit`]).
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt as _;
@@ -27,6 +29,7 @@ use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
 use tokio::sync::Semaphore;
 
 use super::layout::Layout;
+use super::working_set::Recorder;
 use super::LazyMetrics;
 
 /// Fetches for faults in flight at once.
@@ -87,6 +90,8 @@ pub(crate) struct MemoryFill {
     layouts: Mutex<HashMap<u64, Arc<Layout>>>,
     pub(crate) counters: FillCounters,
     metrics: Arc<LazyMetrics>,
+    /// The first-touch order of the recipe's entries, when this restore records it.
+    recorder: Option<Recorder>,
 }
 
 impl std::fmt::Debug for MemoryFill {
@@ -125,7 +130,32 @@ impl MemoryFill {
             layouts: Mutex::default(),
             counters: FillCounters::default(),
             metrics,
+            recorder: None,
         }
+    }
+
+    /// The same fill, recording which chunks the VMs touch first when `on`.
+    pub(crate) fn recording(mut self, on: bool) -> Self {
+        self.recorder = on.then(|| Recorder::new(self.recipe.entries.len()));
+        self
+    }
+
+    /// The first-touch recorder, when this fill records.
+    pub(crate) fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
+    }
+
+    /// Records that a VM touched unit `u` of `layout` for the first time. Called by the
+    /// page server's event loop: no lock, no allocation (`working_set.rs`).
+    pub(crate) fn record_unit(&self, layout: &Layout, u: usize) {
+        if let Some(r) = &self.recorder {
+            r.record(layout.data_entries_of(u));
+        }
+    }
+
+    /// The memory file's recipe.
+    pub(crate) fn recipe(&self) -> &Recipe {
+        &self.recipe
     }
 
     /// A complete, verified memory file (a cached snapshot): every chunk is read from it.
@@ -373,35 +403,35 @@ impl MemoryFill {
         Ok(())
     }
 
-    /// Fills every chunk the faults have not, in file order, retrying failed batches with
-    /// backoff while `wanted()` (someone still holds a lease on the snapshot); then syncs
-    /// the file. Fails when nobody wants the snapshot any more and a batch failed.
-    pub(crate) async fn run_background(self: &Arc<Self>, wanted: impl Fn() -> bool) -> Result<(), String> {
-        let mut order: Vec<(ChunkId, u32)> = Vec::new();
+    /// Fills every chunk the faults have not: first those of the recipe entries in `first`
+    /// (a working set, checked against the recipe), in that order, all of them before any
+    /// other is asked for; then the rest in file order. Retries failed batches with backoff
+    /// while `wanted()` (someone still holds a lease on the snapshot); then syncs the file.
+    /// Fails when nobody wants the snapshot any more and a batch failed.
+    pub(crate) async fn run_background(
+        self: &Arc<Self>,
+        first: &[usize],
+        wanted: impl Fn() -> bool,
+    ) -> Result<(), String> {
         let mut seen = std::collections::HashSet::new();
-        for e in &self.recipe.entries {
-            if let RecipeEntry::Data { len, id } = e {
-                if seen.insert(*id) {
-                    order.push((*id, *len));
-                }
-            }
+        let mut pick = |entries: &mut dyn Iterator<Item = &RecipeEntry>| -> Vec<Wanted> {
+            entries
+                .filter_map(|e| match e {
+                    RecipeEntry::Data { len, id } if seen.insert(*id) => Some((*id, *len)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let working_set = pick(&mut first.iter().filter_map(|&i| self.recipe.entries.get(i)));
+        let rest = pick(&mut self.recipe.entries.iter());
+        for phase in [working_set, rest] {
+            let results: Vec<Result<(), String>> = futures::stream::iter(batches(phase))
+                .map(|batch| self.fill_batch(batch, &wanted))
+                .buffer_unordered(BACKGROUND_FETCHES)
+                .collect()
+                .await;
+            results.into_iter().collect::<Result<(), String>>()?;
         }
-        let mut batches: Vec<Vec<(ChunkId, u32)>> = Vec::new();
-        let mut bytes = 0u64;
-        for c in order {
-            if batches.is_empty() || bytes + u64::from(c.1) > BACKGROUND_BATCH_BYTES {
-                batches.push(Vec::new());
-                bytes = 0;
-            }
-            bytes += u64::from(c.1);
-            batches.last_mut().expect("pushed").push(c);
-        }
-        let results: Vec<Result<(), String>> = futures::stream::iter(batches)
-            .map(|batch| self.fill_batch(batch, &wanted))
-            .buffer_unordered(BACKGROUND_FETCHES)
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<(), String>>()?;
         let fill = self.clone();
         tokio::task::spawn_blocking(move || fill.file.sync_all())
             .await
@@ -433,6 +463,21 @@ impl MemoryFill {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// `chunks` cut, in order, into background batches of at most [`BACKGROUND_BATCH_BYTES`].
+fn batches(chunks: Vec<Wanted>) -> Vec<Vec<Wanted>> {
+    let mut batches: Vec<Vec<Wanted>> = Vec::new();
+    let mut bytes = 0u64;
+    for c in chunks {
+        if batches.is_empty() || bytes + u64::from(c.1) > BACKGROUND_BATCH_BYTES {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += u64::from(c.1);
+        batches.last_mut().expect("pushed").push(c);
+    }
+    batches
 }
 
 /// The entries of `ids` named in `wanted`, with their lengths.

@@ -69,12 +69,21 @@ impl Layout {
 
     /// The recipe entries overlapping unit `u`, each with its start offset in the file.
     pub(crate) fn entries_of(&self, u: usize) -> impl Iterator<Item = (u64, RecipeEntry)> + '_ {
+        self.entry_indexes_of(u).map(|i| (self.entry_starts[i], self.entries[i]))
+    }
+
+    /// The indexes of the data entries overlapping unit `u` (what a working set records).
+    /// Allocates nothing: the page server calls it on a unit's first fault.
+    pub(crate) fn data_entries_of(&self, u: usize) -> impl Iterator<Item = usize> + '_ {
+        self.entry_indexes_of(u).filter(move |&i| matches!(self.entries[i], RecipeEntry::Data { .. }))
+    }
+
+    fn entry_indexes_of(&self, u: usize) -> impl Iterator<Item = usize> + '_ {
         let range = self.unit_range(u);
         let first = self.entry_starts.partition_point(|&s| s <= range.start).saturating_sub(1);
         (first..self.entries.len())
             .take_while(move |&i| self.entry_starts[i] < range.end)
             .filter(move |&i| self.entry_starts[i + 1] > range.start)
-            .map(|i| (self.entry_starts[i], self.entries[i]))
     }
 
     /// The distinct chunks unit `u` needs (none: it is all zeros).
@@ -120,6 +129,8 @@ mod tests {
         assert_eq!(l.unit_at(3 * 65536), None);
         assert!(l.chunks_of(1).is_empty(), "a zero run needs no chunk");
         assert_eq!(l.chunks_of(2).len(), 1);
+        assert_eq!(l.data_entries_of(0).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(l.data_entries_of(1).count(), 0, "a zero run is no working-set entry");
     }
 
     #[test]
@@ -131,6 +142,7 @@ mod tests {
         assert_eq!(l.units(), 3);
         assert_eq!(l.unit_range(0), 0..8192);
         assert_eq!(l.chunks_of(0).len(), 2, "the first unit's last page holds chunk 1's head");
+        assert_eq!(l.data_entries_of(0).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(l.unit_range(2), 12288..16384);
         assert_eq!(l.chunks_of(2).len(), 1);
         // Every page is in exactly one unit.

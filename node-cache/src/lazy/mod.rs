@@ -8,7 +8,8 @@
 //! (`fill.rs`): from cached snapshots holding them, else from the registry, ahead of a
 //! background fill that completes the memory file, after which the snapshot is recorded
 //! like any other and the next `ensure` is an ordinary hit. Units of one fault are cut by
-//! `layout.rs`; the ioctls, and the only `unsafe` of the crate, are in `uffd.rs`.
+//! `layout.rs`; the ioctls, and the only `unsafe` of the crate, are in `uffd.rs`. The first
+//! restore of a snapshot records which chunks its VMs touch first (`working_set.rs`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -25,6 +26,7 @@ mod handshake;
 mod layout;
 mod server;
 mod uffd;
+pub(crate) mod working_set;
 
 pub(crate) use fill::MemoryFill;
 
@@ -85,6 +87,9 @@ pub(crate) struct LazyRestores {
     servers: Mutex<HashMap<String, watch::Sender<bool>>>,
     recipes: Mutex<HashMap<Sha256Digest, Arc<Recipe>>>,
     pub(crate) metrics: Arc<LazyMetrics>,
+    /// Snapshots whose working set this process published or tried to (once each).
+    pub(crate) working_sets_tried: Mutex<std::collections::HashSet<Sha256Digest>>,
+    pub(crate) working_sets: working_set::WorkingSetMetrics,
 }
 
 impl LazyRestores {

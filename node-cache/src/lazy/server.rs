@@ -218,6 +218,7 @@ fn on_event(vm: &Arc<Vm>, event: Event) {
             match vm.units[unit].compare_exchange(UNTOUCHED, IN_PROGRESS, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
+                    vm.fill.record_unit(&vm.layout, unit);
                     let vm = vm.clone();
                     tokio::spawn(async move { serve_unit(vm, unit).await });
                 }

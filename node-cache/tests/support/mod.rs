@@ -105,6 +105,12 @@ impl RegistryProcess {
 
     /// Starts the registry as `launch` says (another namespace, another address).
     pub async fn start_in(launch: &Launch) -> Self {
+        Self::start_with(launch, &[]).await
+    }
+
+    /// Starts the registry with more arguments (`--auth-config FILE`: an anonymous
+    /// `GET /v2/` is then answered 401, which counts as up).
+    pub async fn start_with(launch: &Launch, extra: &[&str]) -> Self {
         let exe = std::env::current_exe().expect("current_exe");
         let bin = exe
             .parent()
@@ -122,6 +128,7 @@ impl RegistryProcess {
             .command(&bin)
             .args(["--listen", &addr, "--storage"])
             .arg(storage.path())
+            .args(extra)
             .env("THAW_LOG", "warn")
             .env("THAW_UPLOAD_DIR", storage.path().join("uploads"))
             .stdin(Stdio::null())
@@ -130,8 +137,8 @@ impl RegistryProcess {
         let me = Self { child, addr, _storage: storage };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !http.get(format!("http://{}/v2/", me.addr)).send().await.is_ok_and(|r| r.status().is_success())
-        {
+        let up = |s: reqwest::StatusCode| s.is_success() || s == reqwest::StatusCode::UNAUTHORIZED;
+        while !http.get(format!("http://{}/v2/", me.addr)).send().await.is_ok_and(|r| up(r.status())) {
             assert!(Instant::now() < deadline, "thaw-registry did not answer on {}", me.addr);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
