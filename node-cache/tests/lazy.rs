@@ -505,7 +505,9 @@ async fn a_real_guests_recorded_faults_are_served_byte_identical() {
     let registry = RegistryProcess::start().await;
     let reference = thaw_client::Reference::parse(&format!("{}/fn/corpus-json:v1", registry.host())).unwrap();
     let client = support::common::client_for(&reference);
-    thaw_client::push_dir(&client, &reference, &dir, &thaw_client::PushOptions::default()).await.expect("push");
+    thaw_client::push_dir(&client, &reference, &dir, &thaw_client::PushOptions::default())
+        .await
+        .expect("push");
     let reference = reference.to_string();
     let tmp = tempfile::tempdir().unwrap();
     let node = NodeCache::start(&registry.host(), tmp.path(), 1 << 30, "node-corpus").await;

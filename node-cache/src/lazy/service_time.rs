@@ -14,8 +14,8 @@ use std::time::Duration;
 /// Upper bounds of the buckets, microseconds: fine where a locally held chunk lands
 /// (a few to a few tens of µs), coarse where fetches over the network do.
 const BUCKETS_MICROS: [u64; 34] = [
-    1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 25, 30, 40, 50, 60, 80, 100, 125, 150, 200, 300, 500,
-    1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000, 10_000_000, 60_000_000,
+    1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 25, 30, 40, 50, 60, 80, 100, 125, 150, 200, 300, 500, 1_000,
+    2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000, 10_000_000, 60_000_000,
 ];
 
 /// One histogram: a count per bucket (not cumulative; the last counts what exceeds every
@@ -44,7 +44,8 @@ impl Buckets {
         let mut cumulative = 0;
         for (i, le) in BUCKETS_MICROS.iter().enumerate() {
             cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{kind=\"{kind}\",le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
+            let _ =
+                writeln!(out, "{name}_bucket{{kind=\"{kind}\",le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
         }
         cumulative += self.counts[BUCKETS_MICROS.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {cumulative}");

@@ -104,7 +104,9 @@ mod tests {
         assert_eq!(t.offsets(), [7 * 4096, 2 * 4096, 9 * 4096]);
         assert!(FaultTrace::parse("page_size=4096\n").is_err(), "no magic");
         assert!(FaultTrace::parse(&format!("{MAGIC}\npage_size=4096\nmemory_size=4096\n1 0\n")).is_err());
-        assert!(FaultTrace::parse(&format!("{MAGIC}\npage_size=4096\nmemory_size=40960\n1 0\n1 0\n")).is_err());
+        assert!(
+            FaultTrace::parse(&format!("{MAGIC}\npage_size=4096\nmemory_size=40960\n1 0\n1 0\n")).is_err()
+        );
         assert_eq!(FaultTrace::path_of(Path::new("/c/fn-json/v1")), Path::new("/c/fn-json/v1.trace"));
     }
 }

@@ -567,6 +567,7 @@ pub(crate) fn write(
     let plot_dir = out_dir.join("benchmarks");
     std::fs::create_dir_all(&plot_dir)?;
     crate::nodes_report::write(&mut md, args, measured, &plot_dir);
+    crate::lazy_report::write(&mut md, args, measured, &plot_dir);
     if args.link_mbit.is_none() {
         let _ = writeln!(md, "### Not measured yet\n");
         let _ = writeln!(
