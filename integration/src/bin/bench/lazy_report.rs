@@ -304,19 +304,12 @@ pub(crate) fn write(md: &mut String, args: &Args, measured: &Measured, plot_dir:
         },
     ];
     let net = &measured.nets[ni];
-    match plot::bars(
+    let drawn = plot::bars(
         &plot_dir.join("lazy.png"),
         &format!("Restore of each snapshot, seconds from the call (median, {net})"),
         "seconds",
         &groups,
         &series,
-    ) {
-        Ok(()) => {
-            let _ = writeln!(md, "![lazy restore against eager and S3, {net}](benchmarks/lazy.png)\n");
-        }
-        Err(e) => {
-            eprintln!("bench: WARNING: plot lazy.png not drawn: {e:#}");
-            let _ = writeln!(md, "**Plot lazy.png not drawn: {e:#}.**\n");
-        }
-    }
+    );
+    plot::embed(md, "lazy.png", &format!("lazy restore against eager and S3, {net}"), drawn);
 }
