@@ -7,8 +7,9 @@
 #   3. clippy             every target, warnings are errors
 #   4. schema-purity      thaw-schema's normal dependencies include no runtime/HTTP/storage/kube crate
 #   5. corpus             integration/corpus/make-corpus.sh --quick: real guest snapshots (QEMU
-#                         guests, made once into target/corpus-quick) for the cluster tests and
-#                         bench-smoke
+#                         guests, made once into target/corpus-quick) and their recorded fault
+#                         traces, for the cluster tests, the lazy-restore test replaying a real
+#                         guest's faults (node-cache/tests/lazy.rs) and bench-smoke
 #   6. test               cargo test --workspace --locked: unit, integration and interop tests, the
 #                         cluster tests (integration/tests/cluster.rs, extender/tests/e2e.rs: a real
 #                         etcd + kube-apiserver + kube-scheduler on loopback), and the S3 tests
@@ -19,7 +20,8 @@
 #                         (THAW_TEST_STORAGE=s3): conformance, bad input, dedup
 #   8. bench-smoke        the benchmark runner at --quick scale on the quick corpus: thaw, oras-py +
 #                         docker-registry and whole-file S3 in one run, every restore checked
-#                         byte for byte, then the load test at --quick scale (16 clients, zero
+#                         byte for byte, the lazy restores' every page served by fault compared
+#                         with the memory file (a wrong page fails the run), then the load test at --quick scale (16 clients, zero
 #                         errors and zero corrupt pulls required); nothing timed is asserted
 #   9. deploy-check       deploy/check.sh against a throwaway control plane (etcd, kube-apiserver,
 #                         kube-scheduler built by install-test-deps from the Go module proxy):

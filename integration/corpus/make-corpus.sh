@@ -13,9 +13,15 @@
 #                                           the stand-in for Firecracker's microVM state file
 #   CORPUS/<function>/<revision>/disk.ext4  ext4 image of the function's root filesystem
 #   CORPUS/<function>/<revision>/info.json  metadata (function, revision, sizes, kernel, ...)
+#   CORPUS/<function>/<revision>.trace      the pages a restored guest touches serving one
+#                                           request, in first-touch order (fault_trace.py)
 #
-# Boot logs go to CORPUS/.logs/. Revisions already built with the same settings are skipped.
-# Needs root for apt-get (only when something is missing) and for mknod of /dev/console.
+# The trace is recorded right after the snapshot is saved: a second QEMU restores it onto a cold
+# copy of the memory file (a loop-mounted ext4 with no readahead), the function gets one request
+# on its console, and the copy's page residency is sampled until the answer.
+# Boot logs go to CORPUS/.logs/. Revisions already built with the same settings (and traced)
+# are skipped. Needs root for apt-get (only when something is missing), for mknod of
+# /dev/console, and for the trace's loop device and mount.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -80,6 +86,7 @@ missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v mke2fs >/dev/null || missing+=(e2fsprogs)
 command -v cpio >/dev/null || missing+=(cpio)
+command -v losetup >/dev/null || missing+=(mount)
 command -v modprobe >/dev/null || missing+=(kmod)
 [ -x "$PYTHON" ] || missing+=(python3)
 BUSYBOX=$(command -v busybox || true)
@@ -130,9 +137,11 @@ for fr in "${REVISIONS[@]}"; do
     fn=${fr%%/*} rev=${fr#*/}
     [ -d "$HERE/functions/$fn/$rev" ] || die "unknown function revision $fr (no $HERE/functions/$fn/$rev)"
     dest="$OUT/$fn/$rev"
-    if [ "$FORCE" = 0 ] && [ -f "$dest/info.json" ] &&
-        [ "$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("build_key"))' "$dest/info.json" 2>/dev/null)" = "$BUILD_KEY" ]; then
-        log "$fr: already built ($BUILD_KEY), skipping"
+    # The function's code and the runtime are part of the key: a change rebuilds the guest.
+    key="$BUILD_KEY code=$(cat "$HERE/functions/_runtime/runtime.py" "$HERE/functions/$fn/$rev"/*.py | sha256sum | cut -c1-12)"
+    if [ "$FORCE" = 0 ] && [ -f "$dest/info.json" ] && [ -s "$dest.trace" ] &&
+        [ "$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("build_key"))' "$dest/info.json" 2>/dev/null)" = "$key" ]; then
+        log "$fr: already built ($key), skipping"
         skipped=$((skipped + 1))
         continue
     fi
@@ -155,17 +164,19 @@ for fr in "${REVISIONS[@]}"; do
     # In the background and waited for, so that a signal to this script is handled at once.
     "$PYTHON" "$HERE/run_guest.py" --kernel "$KERNEL" --initrd "$BOOT/initramfs.cpio" \
         --disk "$WORK/snap/disk.ext4" --mem "$MEM" --timeout "$TIMEOUT" --append "$APPEND" \
-        --out "$WORK/boot" >&2 &
+        --out "$WORK/boot" --trace "$WORK/trace" >&2 &
     GUEST_PID=$!
     wait "$GUEST_PID" && GUEST_PID="" ||
         { GUEST_PID=""; cp "$WORK/boot/serial.log" "$OUT/.logs/$fn-$rev.serial.log" 2>/dev/null || true
-          die "$fr: guest boot failed (serial log: $OUT/.logs/$fn-$rev.serial.log)"; }
+          cp "$WORK/boot/serial-restore.log" "$OUT/.logs/$fn-$rev.serial-restore.log" 2>/dev/null || true
+          die "$fr: guest boot or trace failed (serial logs: $OUT/.logs/$fn-$rev.serial*.log)"; }
     mv "$WORK/boot/memory" "$WORK/boot/vmstate" "$WORK/snap/"
     cp "$WORK/boot/serial.log" "$OUT/.logs/$fn-$rev.serial.log"
+    cp "$WORK/boot/serial-restore.log" "$OUT/.logs/$fn-$rev.serial-restore.log"
     cp "$WORK/boot/boot.json" "$OUT/.logs/$fn-$rev.boot.json"
 
     "$PYTHON" - "$WORK/snap" "$fn" "$rev" "$MEM" "$KVER" "$KPKG" "$KPKG_VERSION" "$QEMU_VERSION" \
-        "$WORK/boot/boot.json" "$WORK/rootfs/fn/modules.txt" "$(( $(date +%s) - t1 ))" "$BUILD_KEY" <<'EOF'
+        "$WORK/boot/boot.json" "$WORK/rootfs/fn/modules.txt" "$(( $(date +%s) - t1 ))" "$key" <<'EOF'
 import datetime, json, os, sys
 snap, fn, rev, mem, kver, kpkg, kpkg_version, qemu, boot, modules, seconds, build_key = sys.argv[1:]
 boot = json.load(open(boot))
@@ -197,11 +208,12 @@ with open(os.path.join(snap, "info.json"), "w") as f:
     json.dump(info, f, indent=2)
     f.write("\n")
 EOF
-    rm -rf "$dest"; mkdir -p "$(dirname "$dest")"
+    rm -rf "$dest" "$dest.trace"; mkdir -p "$(dirname "$dest")"
     mv "$WORK/snap" "$dest"
+    mv "$WORK/trace" "$dest.trace"
     rm -rf "$WORK"
     built=$((built + 1))
-    log "$fr: done in $(( $(date +%s) - t1 )) s: $(du -h --apparent-size "$dest/memory" | cut -f1) memory ($(du -h "$dest/memory" | cut -f1) non-zero), $(du -h "$dest/disk.ext4" | cut -f1) disk"
+    log "$fr: done in $(( $(date +%s) - t1 )) s: $(du -h --apparent-size "$dest/memory" | cut -f1) memory ($(du -h "$dest/memory" | cut -f1) non-zero), $(du -h "$dest/disk.ext4" | cut -f1) disk, trace of $(grep -c '^[0-9]' "$dest.trace") pages"
 done
 log "corpus $OUT: $built built, $skipped skipped in $(( $(date +%s) - t0 )) s"
 echo "$OUT"

@@ -4,18 +4,27 @@
 //! pages from several threads and compares every one with the memory file pushed.
 //!
 //! Every wait is bounded: a page that never comes fails the test instead of hanging it.
+//!
+//! Most tests replay a synthetic access pattern over synthetic memory; one replays a real
+//! guest's: a snapshot of the quick corpus and the pages its restored guest touched serving
+//! one request (recorded by `integration/corpus/make-corpus.sh --quick`, which
+//! `scripts/test.sh` runs in its corpus stage, before this one).
 
 mod support;
 
+#[path = "support/fault_trace.rs"]
+mod fault_trace;
 #[path = "support/firecracker_stand_in.rs"]
 mod firecracker_stand_in;
 #[path = "support/lazy.rs"]
 mod lazy_support;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use fault_trace::FaultTrace;
 use firecracker_stand_in::{FirecrackerStandIn, PAGE};
 use lazy_support::{
     access_trace, ensure_lazy, metric, metrics, touch_and_check, wait_cached, PAGES_DEADLINE,
@@ -418,4 +427,54 @@ async fn lying_and_stalling_peers_never_deliver_a_wrong_page() {
     assert!(metric(&text, "thaw_lazy_bytes_total{source=\"registry\"}") > 0);
     wait_cached(&node, &digest).await;
     support::assert_files(&node.ensure(&snap.reference).await, &snap.data);
+}
+
+/// A snapshot of the quick corpus and its recorded fault trace.
+fn corpus_snapshot(label: &str) -> (PathBuf, FaultTrace) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/corpus-quick").join(label);
+    let trace = FaultTrace::path_of(&dir);
+    assert!(
+        dir.join("memory").is_file() && trace.is_file(),
+        "this test replays a real guest's recorded faults: make {} and {} with \
+         integration/corpus/make-corpus.sh --quick (scripts/test.sh's corpus stage runs it)",
+        dir.display(),
+        trace.display()
+    );
+    let trace = FaultTrace::read(&trace).unwrap_or_else(|e| panic!("{e}"));
+    (dir, trace)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_guests_recorded_faults_are_served_byte_identical() {
+    let (dir, trace) = corpus_snapshot("fn-json/v1");
+    let memory = Arc::new(std::fs::read(dir.join("memory")).unwrap());
+    assert_eq!(trace.memory_size, memory.len() as u64, "the trace was recorded on another memory file");
+    assert_eq!(trace.page_size, PAGE as u64);
+    assert!(!trace.pages.is_empty(), "an empty trace replays nothing");
+    let registry = RegistryProcess::start().await;
+    let reference = thaw_client::Reference::parse(&format!("{}/fn/corpus-json:v1", registry.host())).unwrap();
+    let client = support::common::client_for(&reference);
+    thaw_client::push_dir(&client, &reference, &dir, &thaw_client::PushOptions::default())
+        .await
+        .expect("push");
+    let reference = reference.to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let node = NodeCache::start(&registry.host(), tmp.path(), 1 << 30, "node-corpus").await;
+
+    let answer = ensure_lazy(&node, &reference).await;
+    assert_eq!(answer["hit"], false, "{answer}");
+    let digest = answer["digest"].as_str().unwrap().to_owned();
+    // One region: QEMU's `pc` guest below 3 GiB has its RAM in one piece.
+    let vm = Arc::new(
+        FirecrackerStandIn::load(answer["memory_socket"].as_str().unwrap().as_ref(), memory.len(), &[])
+            .expect("handshake"),
+    );
+    // The guest's pages in the order it touched them, by four vCPUs, then all the others.
+    touch_and_check(&vm, &memory, trace.offsets(), 4, PAGES_DEADLINE);
+    touch_and_check(&vm, &memory, (0..memory.len() / PAGE).map(|p| p * PAGE).collect(), 2, PAGES_DEADLINE);
+    wait_cached(&node, &digest).await;
+    let hit = node.ensure(&reference).await;
+    assert_eq!(hit["hit"], true);
+    let cached = std::fs::read(hit["files"]["memory"].as_str().unwrap()).unwrap();
+    assert!(cached == *memory, "the memory file the background fill completed differs from the snapshot's");
 }

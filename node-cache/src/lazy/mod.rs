@@ -25,6 +25,7 @@ pub(crate) mod fill;
 mod handshake;
 mod layout;
 mod server;
+mod service_time;
 mod uffd;
 pub(crate) mod working_set;
 
@@ -61,6 +62,7 @@ pub(crate) struct LazyMetrics {
     pub(crate) registry_bytes: AtomicU64,
     restores: AtomicU64,
     completed: AtomicU64,
+    service: service_time::ServiceTimes,
 }
 
 impl LazyMetrics {
@@ -73,9 +75,10 @@ impl LazyMetrics {
         }
     }
 
-    fn record_unit(&self, took: Duration, _zero: bool) {
+    fn record_unit(&self, took: Duration, zero: bool) {
         self.units.fetch_add(1, Ordering::Relaxed);
         self.unit_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.service.record(took, zero);
     }
 }
 
@@ -183,6 +186,7 @@ impl LazyRestores {
             let _ =
                 writeln!(out, "thaw_lazy_bytes_total{{source=\"{source}\"}} {}", v.load(Ordering::Relaxed));
         }
+        m.service.render(&mut out);
         out
     }
 }

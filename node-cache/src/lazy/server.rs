@@ -168,8 +168,9 @@ async fn serve_vm(
                 };
                 match guard.try_io(|fd| rustix::io::read(&fd.get_ref().0.uffd, &mut msgs).map_err(std::io::Error::from)) {
                     Ok(Ok(n)) => {
+                        let read_at = Instant::now();
                         for msg in msgs[..n].chunks_exact(MSG_LEN) {
-                            on_event(&vm, parse_event(msg.try_into().expect("MSG_LEN bytes")));
+                            on_event(&vm, parse_event(msg.try_into().expect("MSG_LEN bytes")), read_at);
                         }
                     }
                     Ok(Err(e)) => break Err(format!("reading userfaultfd events: {e}")),
@@ -196,7 +197,8 @@ async fn serve_vm(
     result
 }
 
-fn on_event(vm: &Arc<Vm>, event: Event) {
+/// `read_at`: when the event was read, where a fault's service time starts.
+fn on_event(vm: &Arc<Vm>, event: Event, read_at: Instant) {
     let page = vm.page();
     match event {
         Event::PageFault { address } => {
@@ -220,7 +222,7 @@ fn on_event(vm: &Arc<Vm>, event: Event) {
                 Ok(_) => {
                     vm.fill.record_unit(&vm.layout, unit);
                     let vm = vm.clone();
-                    tokio::spawn(async move { serve_unit(vm, unit).await });
+                    tokio::spawn(async move { serve_unit(vm, unit, read_at).await });
                 }
                 // Already there: a message that raced its copy. Wake to be sure.
                 Err(FILLED) => {
@@ -246,9 +248,9 @@ fn on_event(vm: &Arc<Vm>, event: Event) {
 }
 
 /// Gets unit `u`'s bytes, retrying failed fetches until they succeed or the VM is gone,
-/// and fills it in every region it maps to.
-async fn serve_unit(vm: Arc<Vm>, u: usize) {
-    let started = Instant::now();
+/// and fills it in every region it maps to; its service time counts from `started`, when
+/// its first fault was read.
+async fn serve_unit(vm: Arc<Vm>, u: usize, started: Instant) {
     let mut pause = Duration::from_millis(50);
     let bytes = loop {
         match vm.fill.unit_bytes(&vm.layout, u).await {

@@ -12,7 +12,12 @@
 //!    and keep its own copy of the descriptor.
 //!
 //! Touching a page then blocks the touching thread until the handler fills it, exactly as
-//! a vCPU blocks.
+//! a vCPU blocks. [`FirecrackerStandIn::touch`] plays a VM's vCPUs: several threads touch
+//! pages (a recorded trace, `fault_trace.rs`), each page compared with the memory file, each
+//! fault timed.
+//!
+//! Shared, unchanged, by the lazy-restore tests (`tests/lazy.rs`) and the benchmark runner
+//! (`integration/src/bin/bench/lazy.rs` includes this file with `#[path]`).
 //!
 //! # Safety
 //!
@@ -25,8 +30,11 @@
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use linux_raw_sys::general::{
     uffdio_api, uffdio_range, uffdio_register, _UFFDIO_API, _UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MISSING,
@@ -123,17 +131,78 @@ impl FirecrackerStandIn {
     /// Blocks until the handler has filled it.
     pub fn read_page(&self, offset: usize) -> [u8; PAGE] {
         assert_eq!(offset % PAGE, 0);
+        let at = self.address(offset);
+        let mut out = [0u8; PAGE];
+        // SAFETY: `address` found the page inside a mapping this stand-in owns.
+        unsafe {
+            std::ptr::copy_nonoverlapping(at as *const u8, out.as_mut_ptr(), PAGE);
+        }
+        out
+    }
+
+    /// The address of memory-file offset `offset` in this process.
+    fn address(&self, offset: usize) -> usize {
         let r = self
             .regions
             .iter()
             .find(|r| offset >= r.offset && offset < r.offset + r.len)
             .expect("offset inside guest memory");
-        let mut out = [0u8; PAGE];
-        // SAFETY: the page lies inside a mapping this stand-in owns (found above).
-        unsafe {
-            std::ptr::copy_nonoverlapping((r.base + offset - r.offset) as *const u8, out.as_mut_ptr(), PAGE);
+        r.base + offset - r.offset
+    }
+
+    /// Touches the pages at `offsets` (memory-file offsets, page-aligned) from `threads`
+    /// threads at once, as a VM's vCPUs would (thread `t` takes every `threads`-th page,
+    /// in order), compares each page with `source` (the memory file's bytes) and times
+    /// every touch that faulted: whether a page is present is read from
+    /// `/proc/self/pagemap` just before it is touched, and a touch of a page that was not
+    /// is a fault, timed until the read returned (the handler filled it). Fails if the
+    /// touches are not all done within `deadline` (the threads are then left blocked).
+    pub fn touch(
+        self: &Arc<Self>,
+        source: &Arc<Vec<u8>>,
+        offsets: &[usize],
+        threads: usize,
+        deadline: Duration,
+    ) -> Result<Touched, String> {
+        let started = Instant::now();
+        let (done, finished) = mpsc::channel();
+        let offsets = Arc::new(offsets.to_vec());
+        for t in 0..threads {
+            let (vm, source, offsets, done) = (self.clone(), source.clone(), offsets.clone(), done.clone());
+            std::thread::spawn(move || {
+                let pagemap = std::fs::File::open("/proc/self/pagemap");
+                let mut out = Touched::default();
+                for &offset in offsets.iter().skip(t).step_by(threads) {
+                    let present = pagemap.as_ref().ok().and_then(|f| {
+                        let mut entry = [0u8; 8];
+                        let at = (vm.address(offset) / PAGE * 8) as u64;
+                        f.read_exact_at(&mut entry, at).ok().map(|()| u64::from_ne_bytes(entry) >> 63 == 1)
+                    });
+                    let before = Instant::now();
+                    let page = vm.read_page(offset);
+                    let took = before.elapsed();
+                    if present == Some(false) {
+                        out.fault_nanos.push(took.as_nanos() as u64);
+                    }
+                    if page[..] != source[offset..offset + PAGE] {
+                        out.wrong.push(offset);
+                    }
+                }
+                let _ = done.send(out);
+            });
         }
-        out
+        let until = started + deadline;
+        let mut all = Touched::default();
+        for _ in 0..threads {
+            let left = until.saturating_duration_since(Instant::now());
+            let part = finished
+                .recv_timeout(left)
+                .map_err(|_| format!("{} pages were not all served within {deadline:?}", offsets.len()))?;
+            all.wrong.extend(part.wrong);
+            all.fault_nanos.extend(part.fault_nanos);
+        }
+        all.took = started.elapsed();
+        Ok(all)
     }
 
     /// Drops `pages` pages at `offset` as the balloon does (`madvise(MADV_DONTNEED)`): the
@@ -159,6 +228,17 @@ impl FirecrackerStandIn {
     pub fn exit(&mut self) {
         self.socket = None;
     }
+}
+
+/// What [`FirecrackerStandIn::touch`] found.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Offsets of the pages whose bytes differed from the memory file.
+    pub wrong: Vec<usize>,
+    /// How long each touch that faulted blocked, nanoseconds.
+    pub fault_nanos: Vec<u64>,
+    /// From the first touch until every thread was done.
+    pub took: Duration,
 }
 
 impl Drop for FirecrackerStandIn {

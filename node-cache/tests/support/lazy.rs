@@ -3,7 +3,7 @@
 //! Included with `#[path]` next to `support` and `firecracker_stand_in`.
 #![allow(dead_code, unreachable_pub)]
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -50,29 +50,8 @@ pub fn touch_and_check(
     threads: usize,
     deadline: Duration,
 ) {
-    let (done, finished) = mpsc::channel();
-    let offsets = Arc::new(offsets);
-    for t in 0..threads {
-        let (vm, memory, offsets, done) = (vm.clone(), memory.clone(), offsets.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut wrong = Vec::new();
-            for (i, &offset) in offsets.iter().enumerate() {
-                if i % threads != t {
-                    continue;
-                }
-                if vm.read_page(offset)[..] != memory[offset..offset + PAGE] {
-                    wrong.push(offset);
-                }
-            }
-            let _ = done.send(wrong);
-        });
-    }
-    let until = Instant::now() + deadline;
-    for _ in 0..threads {
-        let left = until.saturating_duration_since(Instant::now());
-        let wrong = finished.recv_timeout(left).expect("pages were not all served in time");
-        assert!(wrong.is_empty(), "pages at offsets {wrong:?} differ from the memory file");
-    }
+    let touched = vm.touch(memory, &offsets, threads, deadline).unwrap_or_else(|e| panic!("{e}"));
+    assert!(touched.wrong.is_empty(), "pages at offsets {:?} differ from the memory file", touched.wrong);
 }
 
 pub fn metric(text: &str, name: &str) -> u64 {

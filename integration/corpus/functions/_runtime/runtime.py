@@ -2,7 +2,10 @@
 
 It loads /fn/handler.py, invokes it a number of times (the warm-up a platform does before it
 snapshots a function), prints the warm marker on the console and then waits for the next
-invocation, as a warm function instance does when its microVM is snapshotted.
+invocation, as a warm function instance does when its microVM is snapshotted: a line
+`THAW-REQUEST <n>` on the console (its standard input) invokes the handler once more with
+event id 1000 + n and prints `THAW-DONE id=<n> seconds=<s> result=<hash>`. make-corpus.sh
+sends one to a restored copy of the snapshot to record which memory serving it touches.
 
 Environment:
   THAW_TRACE=FILE  (host only) after the warm-up, write the files of every imported module
@@ -69,7 +72,26 @@ def main():
     print(f"THAW-WARM function={meta['name']} revision={meta['revision']} "
           f"invocations={len(results)} seconds={elapsed:.1f} rss_kib={rss} result={digest:08x}",
           flush=True)
-    # A warm instance waits for its next request; the snapshot is taken now.
+    # A warm instance waits for its next request; the snapshot is taken now, with this
+    # process blocked reading the console.
+    serve(handler, state, meta)
+
+
+def serve(handler, state, meta):
+    """Answers `THAW-REQUEST <n>` lines from the console until it closes, then waits."""
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        words = line.split()
+        if not words or words[0] != "THAW-REQUEST":
+            continue
+        n = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+        started = time.monotonic()
+        event = {"id": 1000 + n, "function": meta["name"], "revision": meta["revision"]}
+        result = handler.handle(event, state)
+        digest = hash(json.dumps(result, sort_keys=True, default=str)) & 0xFFFFFFFF
+        print(f"THAW-DONE id={n} seconds={time.monotonic() - started:.3f} result={digest:08x}", flush=True)
     while True:
         time.sleep(3600)
 

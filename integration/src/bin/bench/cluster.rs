@@ -92,15 +92,15 @@ pub(crate) struct ExtenderResults {
     pub(crate) scored_nodes: usize,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-fn http() -> Result<reqwest::Client> {
+pub(crate) fn http() -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder().timeout(CALL_TIMEOUT).build()?)
 }
 
-async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> Result<Value> {
+pub(crate) async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> Result<Value> {
     let resp = http.post(url).json(body).send().await.with_context(|| format!("POST {url}"))?;
     let status = resp.status();
     let text = resp.text().await?;
@@ -109,18 +109,19 @@ async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> Result<Va
 }
 
 /// A running `thaw-node-cache`.
-struct NodeCache {
+pub(crate) struct NodeCache {
     _daemon: Daemon,
-    api: String,
-    name: String,
+    /// `http://ADDR` of its local API.
+    pub(crate) api: String,
+    pub(crate) name: String,
     /// A client of its own: a pooled connection to a stopped node cache whose port a new
     /// one reuses would fail the first call.
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 /// Starts a node cache with a fresh cache directory under `dir`, its local API (and peer
 /// service, with `peer_token`) on the network's client address.
-fn start_node(
+pub(crate) fn start_node(
     bin: &Path,
     dir: &Path,
     name: &str,
@@ -186,7 +187,7 @@ fn bytes_of(answer: &Value, source: &str) -> u64 {
 }
 
 /// One timed ensure that fetches (cold or seeded), its registry traffic counted.
-async fn measured_ensure(node: &NodeCache, registry: &Proxy, reference: &str) -> Result<Ensure> {
+pub(crate) async fn measured_ensure(node: &NodeCache, registry: &Proxy, reference: &str) -> Result<Ensure> {
     let before = registry.wire();
     let (secs, answer) = node.ensure_release(reference).await?;
     ensure!(answer["hit"] != json!(true), "{}: ensure of {reference} was a hit on a fresh cache", node.name);

@@ -13,9 +13,17 @@
 //! next to this binary), starts `docker-registry` and runs oras-py, and starts a
 //! single-drive MinIO (as the registry's S3 tests do). Each server sits behind a
 //! byte-counting proxy, so bytes on the wire are counted the same way for all three.
-//! Nothing is asserted: this is a benchmark, not a test.
+//! Nothing timed is asserted: this is a benchmark, not a test; but every restore is checked
+//! byte for byte (and every page a lazy restore serves by fault), and a wrong byte fails the
+//! run.
 
 mod cluster;
+#[path = "../../../../node-cache/tests/support/fault_trace.rs"]
+mod fault_trace;
+#[path = "../../../../node-cache/tests/support/firecracker_stand_in.rs"]
+mod firecracker_stand_in;
+mod lazy;
+mod lazy_report;
 mod link;
 #[path = "../../../../registry/tests/common/minio.rs"]
 #[allow(dead_code, unreachable_pub)]
@@ -228,6 +236,10 @@ pub(crate) struct Measured {
     /// Node-cache and P2P scenarios, by network.
     pub(crate) nodes: BTreeMap<usize, cluster::NodeResults>,
     pub(crate) extender: Option<cluster::ExtenderResults>,
+    /// Lazy-restore scenarios, by network.
+    pub(crate) lazy: BTreeMap<usize, Vec<lazy::LazySnapshot>>,
+    /// Whole-file S3 restores of every corpus snapshot, seconds, by network and snapshot.
+    pub(crate) s3_each: BTreeMap<(usize, String), Vec<f64>>,
 }
 
 /// Fails unless every file of `src` is in `dst` with the same bytes.
@@ -302,6 +314,27 @@ fn run_scenarios(
     Ok(())
 }
 
+/// Restores every corpus snapshot from `system` (which stores them all), each checked, and
+/// records the wall times by snapshot.
+fn restore_each(
+    net: usize,
+    system: &mut dyn System,
+    plan: &Plan,
+    dir: &Path,
+    m: &mut Measured,
+) -> Result<()> {
+    for snap in plan.base.iter().chain([&plan.new]) {
+        let dst = dir.join("restore-each");
+        let s = system.pull(snap, &dst, None).with_context(|| format!("restoring {}", snap.label()))?;
+        verify_restore(&snap.dir, &dst)
+            .with_context(|| format!("checking the restore of {}", snap.label()))?;
+        std::fs::remove_dir_all(&dst)?;
+        eprintln!("bench:   S3    restore {:<26} {:>8.2} s", snap.label(), s.secs);
+        m.s3_each.entry((net, snap.label())).or_default().push(s.secs);
+    }
+    Ok(())
+}
+
 pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
@@ -370,6 +403,12 @@ fn run(args: &Args) -> Result<()> {
                             args.nodes,
                         )?;
                         measured.nodes.insert(ni, results);
+                        eprintln!("bench: {}: lazy restore, every corpus snapshot", net.label);
+                        let mut all: Vec<&Snapshot> = plan.base.iter().collect();
+                        all.push(&plan.new);
+                        let lazy =
+                            lazy::run_lazy_scenarios(&tools.daemons, thaw.proxy(), net, &all, args.reps)?;
+                        measured.lazy.insert(ni, lazy);
                         if ni == 0 {
                             eprintln!("bench: loopback: thaw-extender");
                             let mut all: Vec<&Snapshot> = plan.base.iter().collect();
@@ -406,6 +445,10 @@ fn run(args: &Args) -> Result<()> {
                     },
                 };
                 run_scenarios(ni, kind, system.as_mut(), &plan, &dir, &mut measured)?;
+                if kind == Kind::S3 {
+                    // The lazy restores' baseline: every snapshot fetched whole.
+                    restore_each(ni, system.as_mut(), &plan, &dir, &mut measured)?;
+                }
                 drop(system);
                 std::fs::remove_dir_all(&dir)?;
             }

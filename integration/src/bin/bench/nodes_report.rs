@@ -273,19 +273,12 @@ pub(crate) fn write(md: &mut String, args: &Args, measured: &Measured, plot_dir:
     ];
     let p2p_group = format!("{} cold nodes", nodes - 1);
     let groups = ["cold ensure", "ensure, prev. cached", p2p_group.as_str()];
-    match plot::bars(
+    let drawn = plot::bars(
         &plot_dir.join("nodes.png"),
         "Registry bytes per node-side scenario (MiB, loopback)",
         "MiB",
         &groups,
         &series,
-    ) {
-        Ok(()) => {
-            let _ = writeln!(md, "![registry bytes of the node-side scenarios](benchmarks/nodes.png)\n");
-        }
-        Err(e) => {
-            eprintln!("bench: WARNING: plot nodes.png not drawn: {e:#}");
-            let _ = writeln!(md, "**Plot nodes.png not drawn: {e:#}.**\n");
-        }
-    }
+    );
+    plot::embed(md, "nodes.png", "registry bytes of the node-side scenarios", drawn);
 }

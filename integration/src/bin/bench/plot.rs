@@ -116,6 +116,21 @@ pub(crate) fn bars(path: &Path, title: &str, unit: &str, groups: &[&str], series
     Ok(())
 }
 
+/// Links plot `file` (in `benchmarks/` beside the report) with `alt` text, or says why it
+/// was not drawn.
+pub(crate) fn embed(md: &mut String, file: &str, alt: &str, drawn: Result<()>) {
+    use std::fmt::Write as _;
+    match drawn {
+        Ok(()) => {
+            let _ = writeln!(md, "![{alt}](benchmarks/{file})\n");
+        }
+        Err(e) => {
+            eprintln!("bench: WARNING: plot {file} not drawn: {e:#}");
+            let _ = writeln!(md, "**Plot {file} not drawn: {e:#}.**\n");
+        }
+    }
+}
+
 fn format_value(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")

@@ -567,6 +567,7 @@ pub(crate) fn write(
     let plot_dir = out_dir.join("benchmarks");
     std::fs::create_dir_all(&plot_dir)?;
     crate::nodes_report::write(&mut md, args, measured, &plot_dir);
+    crate::lazy_report::write(&mut md, args, measured, &plot_dir);
     if args.link_mbit.is_none() {
         let _ = writeln!(md, "### Not measured yet\n");
         let _ = writeln!(
@@ -627,15 +628,7 @@ pub(crate) fn write(
         plots.push((file, format!("wall time per scenario, {net}"), drawn));
     }
     for (file, alt, drawn) in plots {
-        match drawn {
-            Ok(()) => {
-                let _ = writeln!(md, "![{alt}](benchmarks/{file})\n");
-            }
-            Err(e) => {
-                eprintln!("bench: WARNING: plot {file} not drawn: {e:#}");
-                let _ = writeln!(md, "**Plot {file} not drawn: {e:#}.**\n");
-            }
-        }
+        plot::embed(&mut md, &file, &alt, drawn);
     }
     component_reports(&mut md, args.out.parent().unwrap_or(Path::new("")));
     if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
