@@ -129,6 +129,19 @@ pub(crate) fn start_node(
     net: &Net,
     peer_token: Option<&Path>,
 ) -> Result<NodeCache> {
+    start_node_with(bin, dir, name, registry, net, peer_token, &[])
+}
+
+/// [`start_node`] with `extra` arguments for the node cache.
+pub(crate) fn start_node_with(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    registry: &Proxy,
+    net: &Net,
+    peer_token: Option<&Path>,
+    extra: &[&str],
+) -> Result<NodeCache> {
     let home = dir.join(name);
     std::fs::create_dir_all(&home)?;
     let listen = SocketAddr::new(net.client_ip, free_port()?);
@@ -139,7 +152,8 @@ pub(crate) fn start_node(
         .arg(home.join("cache"))
         .args(["--capacity", "8G", "--node-name", name])
         .arg("--listen")
-        .arg(listen.to_string());
+        .arg(listen.to_string())
+        .args(extra);
     match peer_token {
         Some(token) => {
             cmd.arg("--peer-listen")

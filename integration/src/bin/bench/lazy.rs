@@ -25,7 +25,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use thaw_integration::corpus::Snapshot;
 
-use crate::cluster::{self, measured_ensure, post_json, start_node, Daemons, Ensure, NodeCache};
+use crate::cluster::{
+    self, measured_ensure, post_json, start_node, start_node_with, Daemons, Ensure, NodeCache,
+};
 use crate::fault_trace::FaultTrace;
 use crate::firecracker_stand_in::{FirecrackerStandIn, Touched, PAGE};
 use crate::link::Net;
@@ -148,7 +150,11 @@ pub(crate) struct LazySnapshot {
     /// From resume until the guest answered, when the trace was recorded (TCG).
     pub(crate) traced_answer_ms: Option<f64>,
     pub(crate) eager: Vec<Ensure>,
+    /// First restores: no working set in the registry (`--working-sets off`).
     pub(crate) lazy: Vec<LazySample>,
+    /// Restores on a node that found the working set an earlier node published
+    /// (`--working-sets use`), so its background fill fetched that first.
+    pub(crate) with_working_set: Vec<LazySample>,
 }
 
 /// Runs the lazy-restore scenarios for every snapshot of `snapshots`, `reps` fresh node
@@ -194,6 +200,7 @@ pub(crate) fn run_lazy_scenarios(
             traced_answer_ms: trace.resume_to_answer_ms,
             eager: Vec::new(),
             lazy: Vec::new(),
+            with_working_set: Vec::new(),
         };
         for rep in 0..reps {
             let rep_dir = dir.join(rep.to_string());
@@ -201,7 +208,15 @@ pub(crate) fn run_lazy_scenarios(
             let e = rt.block_on(measured_ensure(&node, registry, &reference))?;
             drop(node);
             std::fs::remove_dir_all(&rep_dir)?;
-            let node = start_node(&daemons.node_cache, &rep_dir, "bench-lazy", registry, net, None)?;
+            let node = start_node_with(
+                &daemons.node_cache,
+                &rep_dir,
+                "bench-lazy",
+                registry,
+                net,
+                None,
+                &["--working-sets", "off"],
+            )?;
             let s = lazy_restore(&rt, &node, registry, &reference, &memory, &offsets)
                 .with_context(|| format!("lazy restore of {}", snap.label()))?;
             drop(node);
@@ -226,6 +241,49 @@ pub(crate) fn run_lazy_scenarios(
             row.eager.push(e);
             row.lazy.push(s);
         }
+        // A first restore that records and publishes the working set (or finds one published
+        // in an earlier pass), then restores on nodes that fetch it first.
+        let rec_dir = dir.join("recorder");
+        let node = start_node_with(
+            &daemons.node_cache,
+            &rec_dir,
+            "bench-recorder",
+            registry,
+            net,
+            None,
+            &["--working-sets", "share", "--working-set-quiet-ms", "300"],
+        )?;
+        record_working_set(&rt, &node, &reference, &memory, &offsets)
+            .with_context(|| format!("recording the working set of {}", snap.label()))?;
+        drop(node);
+        std::fs::remove_dir_all(&rec_dir)?;
+        for rep in 0..reps {
+            let rep_dir = dir.join(rep.to_string());
+            let node = start_node_with(
+                &daemons.node_cache,
+                &rep_dir,
+                "bench-lazy-ws",
+                registry,
+                net,
+                None,
+                &["--working-sets", "use"],
+            )?;
+            let s = lazy_restore(&rt, &node, registry, &reference, &memory, &offsets)
+                .with_context(|| format!("lazy restore of {} with its working set", snap.label()))?;
+            let used = metric(&rt.block_on(metrics(&node))?, "thaw_lazy_working_sets_used_total");
+            ensure!(used >= 1.0, "{}: the node did not use the published working set", snap.label());
+            drop(node);
+            std::fs::remove_dir_all(&rep_dir)?;
+            eprintln!(
+                "bench:   lazy  {:<14} with its working set: ready {:>7.1} ms, working set {:>6.3} s, fill {:>6.3} s, registry {:.1} MiB",
+                snap.label(),
+                s.ready_s * 1e3,
+                s.working_set_s,
+                s.fill_s,
+                crate::mib(s.wire.down),
+            );
+            row.with_working_set.push(s);
+        }
         out.push(row);
     }
     Ok(out)
@@ -249,6 +307,44 @@ async fn release(node: &NodeCache, answer: &Value) -> Result<()> {
 
 async fn metrics(node: &NodeCache) -> Result<String> {
     Ok(node.http.get(format!("{}/metrics", node.api)).send().await?.error_for_status()?.text().await?)
+}
+
+/// The value of the unlabelled metric `name` in a `/metrics` text; 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// A lazy restore whose VM touches the trace's pages, held until the node has published
+/// the working set it recorded (or found one published already); then released.
+fn record_working_set(
+    rt: &tokio::runtime::Runtime,
+    node: &NodeCache,
+    reference: &str,
+    memory: &Arc<Vec<u8>>,
+    offsets: &[usize],
+) -> Result<()> {
+    let answer = rt.block_on(ensure_lazy(node, reference))?;
+    let vm = load(&answer, memory.len())?;
+    touch(&vm, memory, offsets, VCPUS)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = rt.block_on(metrics(node))?;
+        let done = metric(&text, "thaw_lazy_working_sets_published_total")
+            + metric(&text, "thaw_lazy_working_sets_used_total");
+        if done >= 1.0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no working set published within 30 s (publish refused or failed: {} / {})",
+            metric(&text, "thaw_lazy_working_sets_publish_refused_total"),
+            metric(&text, "thaw_lazy_working_sets_publish_failed_total")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rt.block_on(release(node, &answer))?;
+    drop(vm);
+    Ok(())
 }
 
 /// Whether the node lists `digest` as cached.
