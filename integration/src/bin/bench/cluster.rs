@@ -120,20 +120,8 @@ pub(crate) struct NodeCache {
 }
 
 /// Starts a node cache with a fresh cache directory under `dir`, its local API (and peer
-/// service, with `peer_token`) on the network's client address.
+/// service, with `peer_token`) on the network's client address, with `extra` arguments.
 pub(crate) fn start_node(
-    bin: &Path,
-    dir: &Path,
-    name: &str,
-    registry: &Proxy,
-    net: &Net,
-    peer_token: Option<&Path>,
-) -> Result<NodeCache> {
-    start_node_with(bin, dir, name, registry, net, peer_token, &[])
-}
-
-/// [`start_node`] with `extra` arguments for the node cache.
-pub(crate) fn start_node_with(
     bin: &Path,
     dir: &Path,
     name: &str,
@@ -244,7 +232,7 @@ pub(crate) fn run_node_scenarios(
     };
     for rep in 0..reps {
         let rep_dir = dir.join(format!("single-{rep}"));
-        let node = start_node(&daemons.node_cache, &rep_dir, "bench-cold", registry, net, None)?;
+        let node = start_node(&daemons.node_cache, &rep_dir, "bench-cold", registry, net, None, &[])?;
         let e = rt.block_on(measured_ensure(&node, registry, &new_ref))?;
         say("ensure, empty cache", &e);
         out.cold.push(e);
@@ -266,7 +254,7 @@ pub(crate) fn run_node_scenarios(
         }
         drop(node);
 
-        let node = start_node(&daemons.node_cache, &rep_dir, "bench-seeded", registry, net, None)?;
+        let node = start_node(&daemons.node_cache, &rep_dir, "bench-seeded", registry, net, None, &[])?;
         rt.block_on(node.ensure_release(&prev_ref))?;
         let e = rt.block_on(measured_ensure(&node, registry, &new_ref))?;
         say("ensure, previous revision cached", &e);
@@ -338,6 +326,7 @@ async fn p2p_round(
             registry,
             net,
             token,
+            &[],
         )?);
     }
     let (_, warm) = caches[0].ensure_release(reference).await?;

@@ -25,9 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use thaw_integration::corpus::Snapshot;
 
-use crate::cluster::{
-    self, measured_ensure, post_json, start_node, start_node_with, Daemons, Ensure, NodeCache,
-};
+use crate::cluster::{self, measured_ensure, post_json, start_node, Daemons, Ensure, NodeCache};
 use crate::fault_trace::FaultTrace;
 use crate::firecracker_stand_in::{FirecrackerStandIn, Touched, PAGE};
 use crate::link::Net;
@@ -204,11 +202,11 @@ pub(crate) fn run_lazy_scenarios(
         };
         for rep in 0..reps {
             let rep_dir = dir.join(rep.to_string());
-            let node = start_node(&daemons.node_cache, &rep_dir, "bench-eager", registry, net, None)?;
+            let node = start_node(&daemons.node_cache, &rep_dir, "bench-eager", registry, net, None, &[])?;
             let e = rt.block_on(measured_ensure(&node, registry, &reference))?;
             drop(node);
             std::fs::remove_dir_all(&rep_dir)?;
-            let node = start_node_with(
+            let node = start_node(
                 &daemons.node_cache,
                 &rep_dir,
                 "bench-lazy",
@@ -244,7 +242,7 @@ pub(crate) fn run_lazy_scenarios(
         // A first restore that records and publishes the working set (or finds one published
         // in an earlier pass), then restores on nodes that fetch it first.
         let rec_dir = dir.join("recorder");
-        let node = start_node_with(
+        let node = start_node(
             &daemons.node_cache,
             &rec_dir,
             "bench-recorder",
@@ -259,7 +257,7 @@ pub(crate) fn run_lazy_scenarios(
         std::fs::remove_dir_all(&rec_dir)?;
         for rep in 0..reps {
             let rep_dir = dir.join(rep.to_string());
-            let node = start_node_with(
+            let node = start_node(
                 &daemons.node_cache,
                 &rep_dir,
                 "bench-lazy-ws",
