@@ -98,12 +98,18 @@ async fn every_page_served_by_fault_is_the_memory_files_and_the_snapshot_complet
     assert_eq!(hit["hit"], true);
     support::assert_files(&hit, &snap.data);
 
-    // A lazy ensure of the cached snapshot serves its memory file by fault too.
+    // A lazy ensure of the cached snapshot serves its memory file by fault too, straight
+    // from the file: touched last page first, every unit's faulting page is filled before
+    // the pages around it; the unit the region boundary cuts is served by a task.
     let again = ensure_lazy(&node, &snap.reference).await;
     assert_eq!(again["hit"], true);
     let second = Arc::new(
-        FirecrackerStandIn::load(again["memory_socket"].as_str().unwrap().as_ref(), memory.len(), &[])
-            .expect("handshake"),
+        FirecrackerStandIn::load(
+            again["memory_socket"].as_str().unwrap().as_ref(),
+            memory.len(),
+            &[memory.len() / 2 + 5 * PAGE],
+        )
+        .expect("handshake"),
     );
     let before = metrics(&node).await;
     touch_and_check(&second, &memory, (0..pages).rev().map(|p| p * PAGE).collect(), 3, PAGES_DEADLINE);
@@ -116,6 +122,13 @@ async fn every_page_served_by_fault_is_the_memory_files_and_the_snapshot_complet
         "cached snapshot by fault: {units} units, mean service {} µs from first fault to fill",
         delta("thaw_lazy_unit_service_microseconds_total") / units
     );
+    // The balloon works on a cached snapshot's VM as well.
+    second.balloon_remove(data_page * PAGE, 1);
+    let (tx, rx) = mpsc::channel();
+    let reader = second.clone();
+    std::thread::spawn(move || tx.send(reader.read_page(data_page * PAGE)).unwrap());
+    let after = rx.recv_timeout(PAGES_DEADLINE).expect("a removed page was not served again");
+    assert!(after.iter().all(|b| *b == 0), "a page removed by the balloon came back with data");
     // The leases' copies and the recorded snapshot are all accounted for.
     let disk = node.get("/v1/disk").await;
     assert_eq!(disk["allocated_on_disk"], disk["used_by_index"], "disk usage and the index disagree: {disk}");

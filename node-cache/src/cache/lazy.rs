@@ -13,8 +13,9 @@
 //! leases the index never held: the cache restarts as if the restore had never begun.
 //!
 //! A hit takes an ordinary lease and serves the cached memory file through a page server
-//! too (with its recipe, so every chunk is checked before it is copied); if the recipe
-//! cannot be had, the answer is an ordinary one, with `files.memory` and no socket.
+//! too, straight from the file (checked whole when it was recorded, as an eager hit hands it
+//! out; the recipe gives the units and zero runs); if the recipe cannot be had, the answer
+//! is an ordinary one, with `files.memory` and no socket.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};

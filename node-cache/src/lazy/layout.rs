@@ -86,6 +86,11 @@ impl Layout {
             .filter(move |&i| self.entry_starts[i + 1] > range.start)
     }
 
+    /// Whether unit `u` is all zeros (no data entry overlaps it). Allocates nothing.
+    pub(crate) fn is_zero(&self, u: usize) -> bool {
+        self.data_entries_of(u).next().is_none()
+    }
+
     /// The distinct chunks unit `u` needs (none: it is all zeros).
     pub(crate) fn chunks_of(&self, u: usize) -> Vec<(ChunkId, u32)> {
         let mut out: Vec<(ChunkId, u32)> = Vec::new();

@@ -4,25 +4,32 @@
 //! nobody asked for yet starts a task that gets the unit's bytes (local, or fetched ahead of
 //! the background fill) and fills the whole unit with one `UFFDIO_COPY` (`UFFDIO_ZEROPAGE`
 //! for a zero unit), waking every thread waiting in it. Faults on other units are served
-//! meanwhile; further faults on a unit in progress just wait for its copy.
+//! meanwhile; further faults on a unit in progress just wait for its copy. A unit of a
+//! complete memory file (a cached snapshot) is served by the loop itself, with no task:
+//! the faulting page first (one page's `pread` and `UFFDIO_COPY` wake the thread), then,
+//! once the events read with it are handled, the rest of the unit ([`serve_fault_now`]).
 //!
 //! Remove events (the balloon's `MADV_DONTNEED`) mark pages that must read as zero from
 //! then on: a later fault there gets a zero page, never the file's bytes, and a unit copy
 //! skips them.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::io::Read as _;
+use std::os::unix::net::UnixStream;
+
+use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 use tokio::sync::{watch, Semaphore};
 
 use super::fill::MemoryFill;
 use super::handshake::{self, Region};
 use super::layout::Layout;
-use super::uffd::{parse_event, watch, Event, Filled, OwnsUserfault, Userfault, MSG_LEN};
+use super::uffd::{parse_event, Event, Filled, Userfault, MSG_LEN};
 use super::LazyMetrics;
 
 /// How long a VMM that connected may take to send its handshake.
@@ -31,6 +38,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// may briefly make two): a local client cannot tie up more than this many threads and
 /// event loops.
 const MAX_CONNECTIONS: usize = 4;
+/// How often a VM's fault loop, waiting for events, checks whether its lease ended.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 /// Longest pause between two tries to fetch a unit that failed.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
@@ -100,12 +109,6 @@ struct Vm {
     metrics: Arc<LazyMetrics>,
 }
 
-impl OwnsUserfault for Vm {
-    fn userfault(&self) -> &Userfault {
-        &self.uffd
-    }
-}
-
 impl Vm {
     fn page(&self) -> u64 {
         self.layout.page()
@@ -124,7 +127,7 @@ async fn serve_vm(
     stream: tokio::net::UnixStream,
     fill: Arc<MemoryFill>,
     metrics: Arc<LazyMetrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let stream = stream.into_std().map_err(|e| e.to_string())?;
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
@@ -155,50 +158,84 @@ async fn serve_vm(
         metrics,
     });
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
-    let events = watch(vm.clone()).map_err(|e| e.to_string())?;
-    let mut msgs = [0u8; MSG_LEN * 64];
-    let mut ignored = [0u8; 256];
-    let result = loop {
-        tokio::select! {
-            ready = events.readable() => {
-                let mut guard = match ready {
-                    Ok(g) => g,
-                    Err(e) => break Err(e.to_string()),
-                };
-                match guard.try_io(|fd| rustix::io::read(&fd.get_ref().0.uffd, &mut msgs).map_err(std::io::Error::from)) {
-                    Ok(Ok(n)) => {
-                        let read_at = Instant::now();
-                        for msg in msgs[..n].chunks_exact(MSG_LEN) {
-                            on_event(&vm, parse_event(msg.try_into().expect("MSG_LEN bytes")), read_at);
-                        }
-                    }
-                    Ok(Err(e)) => break Err(format!("reading userfaultfd events: {e}")),
-                    Err(_would_block) => {}
-                }
-            }
-            ready = stream.readable() => {
-                if ready.is_err() {
-                    break Ok(());
-                }
-                match stream.try_read(&mut ignored) {
-                    // End of file: the VMM exited.
-                    Ok(0) => break Ok(()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break Ok(()),
-                }
-            }
-            _ = stop.changed() => break Ok(()),
-        }
-    };
+    let looping = vm.clone();
+    let result = tokio::task::spawn_blocking(move || fault_loop(&looping, &stream, &stop))
+        .await
+        .unwrap_or_else(|e| Err(format!("fault loop: {e}")));
     vm.gone.store(true, Ordering::SeqCst);
     tracing::info!("a VM disconnected");
     result
 }
 
-/// `read_at`: when the event was read, where a fault's service time starts.
-fn on_event(vm: &Arc<Vm>, event: Event, read_at: Instant) {
+/// The VM's fault loop, on a thread of its own: `poll`s its userfaultfd and its end of the
+/// handshake socket, and handles events as they come, until the VMM closes the socket (it
+/// exited) or the lease ends (`stop`, checked every [`STOP_CHECK`]). A thread rather than
+/// a task: a fault wakes this very thread, with no reactor or task scheduling between the
+/// kernel and the copy while the vCPU waits. Units that need fetching are tasks (on the
+/// runtime this blocking thread belongs to).
+fn fault_loop(vm: &Arc<Vm>, stream: &UnixStream, stop: &watch::Receiver<bool>) -> Result<(), String> {
+    let mut msgs = [0u8; MSG_LEN * 64];
+    let mut ignored = [0u8; 256];
+    // Bytes read for units the loop serves itself, reused from fault to fault, and the
+    // units whose faulting page it filled, to complete once the events read are handled.
+    let mut unit_buf = Vec::new();
+    let mut unfinished = VecDeque::new();
+    let timeout = Timespec { tv_sec: 0, tv_nsec: STOP_CHECK.as_nanos() as i64 };
+    while !*stop.borrow() {
+        let mut fds = [PollFd::new(&vm.uffd, PollFlags::IN), PollFd::new(stream, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(format!("waiting for userfaultfd events: {e}")),
+        }
+        let (faults, vmm) = (fds[0].revents(), fds[1].revents());
+        if !vmm.is_empty() {
+            match (&mut &*stream).read(&mut ignored) {
+                // End of file: the VMM exited.
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Ok(()),
+            }
+        }
+        if faults.is_empty() {
+            continue;
+        }
+        match rustix::io::read(&vm.uffd, &mut msgs) {
+            Ok(n) => on_events(vm, &msgs[..n], &mut unit_buf, &mut unfinished),
+            Err(Errno::AGAIN) => {}
+            Err(e) => return Err(format!("reading userfaultfd events: {e}")),
+        }
+        // Units are completed one at a time, and faults that arrived meanwhile go first:
+        // their threads are stopped, a unit's other pages are only likely to be touched next.
+        while let Some(rest) = unfinished.pop_front() {
+            finish_unit(vm, rest, &mut unit_buf);
+            // An error here is met again by the read above.
+            if let Ok(n) = rustix::io::read(&vm.uffd, &mut msgs) {
+                on_events(vm, &msgs[..n], &mut unit_buf, &mut unfinished);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Handles the events of `msgs`, just read.
+fn on_events(vm: &Arc<Vm>, msgs: &[u8], unit_buf: &mut Vec<u8>, unfinished: &mut VecDeque<UnitRest>) {
+    let read_at = Instant::now();
+    for msg in msgs.chunks_exact(MSG_LEN) {
+        on_event(vm, parse_event(msg.try_into().expect("MSG_LEN bytes")), read_at, unit_buf, unfinished);
+    }
+}
+
+/// `read_at`: when the event was read, where a fault's service time starts. `unit_buf`:
+/// the loop's buffer for units it serves itself; `unfinished`: those units whose faulting
+/// page is filled and whose other pages the loop fills next.
+fn on_event(
+    vm: &Arc<Vm>,
+    event: Event,
+    read_at: Instant,
+    unit_buf: &mut Vec<u8>,
+    unfinished: &mut VecDeque<UnitRest>,
+) {
     let page = vm.page();
     match event {
         Event::PageFault { address } => {
@@ -221,8 +258,14 @@ fn on_event(vm: &Arc<Vm>, event: Event, read_at: Instant) {
             {
                 Ok(_) => {
                     vm.fill.record_unit(&vm.layout, unit);
-                    let vm = vm.clone();
-                    tokio::spawn(async move { serve_unit(vm, unit, read_at).await });
+                    match serve_fault_now(vm, unit, at, read_at, unit_buf) {
+                        Now::Done => {}
+                        Now::Rest(rest) => unfinished.push_back(rest),
+                        Now::No => {
+                            let vm = vm.clone();
+                            tokio::spawn(async move { serve_unit(vm, unit, Some(read_at)).await });
+                        }
+                    }
                 }
                 // Already there: a message that raced its copy. Wake to be sure.
                 Err(FILLED) => {
@@ -247,10 +290,136 @@ fn on_event(vm: &Arc<Vm>, event: Event, read_at: Instant) {
     }
 }
 
+/// A unit of a complete memory file whose faulting page the loop filled (waking the
+/// thread that touched it) and whose other pages it fills once the events read with it
+/// are handled.
+struct UnitRest {
+    unit: usize,
+    /// The file offset of the page already filled.
+    filled: u64,
+    region: usize,
+}
+
+/// How a fault was taken by the loop itself.
+enum Now {
+    /// Not at hand: a task serves the unit.
+    No,
+    /// The whole unit is filled.
+    Done,
+    /// The faulting page is filled; the rest follows ([`finish_unit`]).
+    Rest(UnitRest),
+}
+
+/// Serves the fault at page address `at`, in unit `u`, on the fault loop when its bytes
+/// are at hand without waiting: a unit of a complete memory file lying in one region, in a
+/// VM that removed no pages (a removed page must stay zero, which [`fill_range`] handles).
+/// A data unit's faulting page is filled first, on its own, so the thread that touched it
+/// resumes after one page's `pread` and copy rather than the whole chunk's; its service
+/// time ends there. A zero unit is one `UFFDIO_ZEROPAGE`.
+fn serve_fault_now(vm: &Vm, u: usize, at: u64, started: Instant, buf: &mut Vec<u8>) -> Now {
+    let page = vm.page();
+    if !vm.fill.is_complete() || !vm.removed.lock().expect("removed lock").is_empty() {
+        return Now::No;
+    }
+    let range = vm.layout.unit_range(u);
+    // The one region the unit maps to, whole (Firecracker's regions map disjoint parts).
+    let mut mapping = vm
+        .regions
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| range.start < r.offset + r.size && r.offset < range.end);
+    let (Some((ri, region)), None) = (mapping.next(), mapping.next()) else {
+        return Now::No;
+    };
+    if range.start < region.offset || range.end > region.offset + region.size || at < region.base {
+        return Now::No;
+    }
+    if vm.layout.is_zero(u) {
+        // Huge pages have no UFFDIO_ZEROPAGE (`fill_run` copies their zeros).
+        if page > 4096 || !fill_now(vm, region, range.start..range.end, None) {
+            return Now::No;
+        }
+        vm.units[u].store(FILLED, Ordering::Release);
+        vm.metrics.record_unit(started.elapsed(), true);
+        return Now::Done;
+    }
+    let filled = region.offset + (at - region.base);
+    if !fill_now(vm, region, filled..filled + page, Some(buf)) {
+        return Now::No;
+    }
+    vm.metrics.record_unit(started.elapsed(), false);
+    Now::Rest(UnitRest { unit: u, filled, region: ri })
+}
+
+/// Fills the pages of a unit taken by [`serve_fault_now`] other than the one it filled.
+/// Whatever cannot be filled here (the VMM is changing its mappings) a task fills.
+fn finish_unit(vm: &Arc<Vm>, rest: UnitRest, buf: &mut Vec<u8>) {
+    let range = vm.layout.unit_range(rest.unit);
+    let region = &vm.regions[rest.region];
+    let after = rest.filled + vm.page();
+    let done = fill_now(vm, region, range.start..rest.filled, Some(buf))
+        && fill_now(vm, region, after..range.end, Some(buf));
+    if done {
+        vm.units[rest.unit].store(FILLED, Ordering::Release);
+    } else {
+        let vm = vm.clone();
+        tokio::spawn(async move { serve_unit(vm, rest.unit, None).await });
+    }
+}
+
+/// Fills the file range `file` of a complete memory file into `region` from the file
+/// (`buf` is reused for its bytes), or with zeros when `buf` is `None`. Answers `false` if
+/// it could not fill it all now: a read failed, the VMM is changing its mappings or it is
+/// gone. Pages already present are skipped.
+fn fill_now(vm: &Vm, region: &Region, file: std::ops::Range<u64>, buf: Option<&mut Vec<u8>>) -> bool {
+    if file.is_empty() {
+        return true;
+    }
+    let (len, dst) = (file.end - file.start, region.base + (file.start - region.offset));
+    let data = match buf {
+        Some(buf) => {
+            buf.resize(len as usize, 0);
+            match vm.fill.read_complete(file.start, buf) {
+                Some(Ok(())) => Some(&buf[..]),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = file.start, error = %e, "page server: reading a cached memory file failed");
+                    return false;
+                }
+                None => return false,
+            }
+        }
+        None => None,
+    };
+    let mut done = 0u64;
+    while done < len {
+        let result = match data {
+            Some(d) => vm.uffd.copy(dst + done, &d[done as usize..]),
+            None => vm.uffd.zero(dst + done, len - done),
+        };
+        match result {
+            Ok(Filled::All) => {
+                vm.metrics.count_fill(data.is_some(), len - done);
+                done = len;
+            }
+            Ok(Filled::Partly(n)) => {
+                vm.metrics.count_fill(data.is_some(), n);
+                done += n;
+            }
+            Ok(Filled::FirstPageExists) => {
+                let _ = vm.uffd.wake(dst + done, vm.page());
+                done += vm.page();
+            }
+            // A remove event is pending, or the VM is gone: the task path deals with both.
+            Ok(Filled::Busy) | Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Gets unit `u`'s bytes, retrying failed fetches until they succeed or the VM is gone,
 /// and fills it in every region it maps to; its service time counts from `started`, when
-/// its first fault was read.
-async fn serve_unit(vm: Arc<Vm>, u: usize, started: Instant) {
+/// its first fault was read (`None`: counted already, by the fault loop).
+async fn serve_unit(vm: Arc<Vm>, u: usize, started: Option<Instant>) {
     let mut pause = Duration::from_millis(50);
     let bytes = loop {
         match vm.fill.unit_bytes(&vm.layout, u).await {
@@ -277,7 +446,9 @@ async fn serve_unit(vm: Arc<Vm>, u: usize, started: Instant) {
         fill_range(&vm, dst, data, to - from).await;
     }
     vm.units[u].store(FILLED, Ordering::Release);
-    vm.metrics.record_unit(started.elapsed(), bytes.is_none());
+    if let Some(started) = started {
+        vm.metrics.record_unit(started.elapsed(), bytes.is_none());
+    }
 }
 
 /// Fills `[dst, dst + len)` with `data` (zeros when `None`), leaving out removed pages.

@@ -2,9 +2,11 @@
 //! (one atomic add per bucket hit), so measuring costs the fault path next to nothing.
 //!
 //! A unit's service time runs from the moment its first fault was read from the VM's
-//! userfaultfd until its last `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`) returned, which is when
-//! the kernel woke the waiting vCPU: everything the page server does for that fault,
-//! fetching or reading the chunk and checking it included. Rendered as the Prometheus
+//! userfaultfd until the `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`) that filled the faulting page
+//! returned, which is when the kernel woke the waiting vCPU: everything the page server does
+//! for that fault, fetching or reading the chunk and checking it included. For a unit being
+//! fetched that is its last copy; a cached snapshot's unit fills the faulting page first and
+//! the rest of the unit after (`server.rs`). Rendered as the Prometheus
 //! histogram `thaw_lazy_fault_service_seconds{kind="data"|"zero"}`.
 
 use std::fmt::Write as _;

@@ -22,15 +22,9 @@
 //!   `read::<T>`), as `rustix::ioctl::Updater` requires.
 //! - **Messages** read from the descriptor are parsed from plain bytes, field by field; no
 //!   pointer cast is involved.
-//! - **The reactor** (`tokio`'s `AsyncFd`, [`watch`]) is given the raw descriptor of a
-//!   [`Userfault`] owned, through an `Arc`, by the very value it registers: the descriptor
-//!   stays open and the same for as long as the registration lives, as `AsyncFd` requires.
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::Arc;
-
-use tokio::io::unix::AsyncFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use linux_raw_sys::general::{
     uffdio_copy, uffdio_range, uffdio_zeropage, _UFFDIO_COPY, _UFFDIO_WAKE, _UFFDIO_ZEROPAGE,
@@ -118,28 +112,6 @@ impl Userfault {
         // built for.
         unsafe { ioctl(&self.fd, Updater::<WAKE, uffdio_range>::new(&mut arg)) }
     }
-}
-
-/// Something that owns a [`Userfault`] for its whole life.
-pub(crate) trait OwnsUserfault {
-    fn userfault(&self) -> &Userfault;
-}
-
-/// An owner of a [`Userfault`], as the reactor sees it: its descriptor.
-pub(crate) struct Watched<T>(pub(crate) Arc<T>);
-
-impl<T: OwnsUserfault> AsRawFd for Watched<T> {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.userfault().fd.as_raw_fd()
-    }
-}
-
-/// Registers `owner`'s userfaultfd with the tokio reactor, to await its events.
-pub(crate) fn watch<T: OwnsUserfault>(owner: Arc<T>) -> std::io::Result<AsyncFd<Watched<T>>> {
-    // SAFETY: the descriptor is the `OwnedFd` inside `owner`'s `Userfault`, kept open by the
-    // `Arc` the registration itself holds; it is never replaced or closed while held.
-    unsafe { AsyncFd::register_with_interest(Watched(owner), tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
 }
 
 /// Maps an ioctl's result and its count field (bytes done, or `-errno`) to [`Filled`].

@@ -27,7 +27,7 @@ use thaw_integration::corpus::Snapshot;
 
 use crate::cluster::{self, measured_ensure, post_json, start_node, Daemons, Ensure, NodeCache};
 use crate::fault_trace::FaultTrace;
-use crate::firecracker_stand_in::{FirecrackerStandIn, Touched, PAGE};
+use crate::firecracker_stand_in::{self, FirecrackerStandIn, Touched, PAGE};
 use crate::link::Net;
 use crate::proxy::{Proxy, Wire};
 use crate::systems::{reference, wire_since};
@@ -153,6 +153,9 @@ pub(crate) struct LazySnapshot {
     /// Restores on a node that found the working set an earlier node published
     /// (`--working-sets use`), so its background fill fetched that first.
     pub(crate) with_working_set: Vec<LazySample>,
+    /// This machine's floor, measured after the replays: a first write to each of as many
+    /// pages of fresh anonymous memory as the trace has (no handler), nanoseconds.
+    pub(crate) minor_faults_ns: Vec<u64>,
 }
 
 /// Runs the lazy-restore scenarios for every snapshot of `snapshots`, `reps` fresh node
@@ -199,6 +202,7 @@ pub(crate) fn run_lazy_scenarios(
             eager: Vec::new(),
             lazy: Vec::new(),
             with_working_set: Vec::new(),
+            minor_faults_ns: Vec::new(),
         };
         for rep in 0..reps {
             let rep_dir = dir.join(rep.to_string());
@@ -282,6 +286,7 @@ pub(crate) fn run_lazy_scenarios(
             );
             row.with_working_set.push(s);
         }
+        row.minor_faults_ns = firecracker_stand_in::minor_fault_nanos(offsets.len())?;
         out.push(row);
     }
     Ok(out)
