@@ -85,12 +85,7 @@ async fn every_page_served_by_fault_is_the_memory_files_and_the_snapshot_complet
 
     // The balloon takes pages back: they read as zeros from then on, not as the file's bytes.
     let data_page = (0..pages).find(|p| memory[p * PAGE..(p + 1) * PAGE].iter().any(|b| *b != 0)).unwrap();
-    vm.balloon_remove(data_page * PAGE, 1);
-    let (tx, rx) = mpsc::channel();
-    let reader = vm.clone();
-    std::thread::spawn(move || tx.send(reader.read_page(data_page * PAGE)).unwrap());
-    let after = rx.recv_timeout(PAGES_DEADLINE).expect("a removed page was not served again");
-    assert!(after.iter().all(|b| *b == 0), "a page removed by the balloon came back with data");
+    assert_balloon_zeroes(&vm, data_page * PAGE);
 
     // The background fill completes the snapshot: the next ensure is an ordinary hit.
     wait_cached(&node, &digest).await;
@@ -123,17 +118,23 @@ async fn every_page_served_by_fault_is_the_memory_files_and_the_snapshot_complet
         delta("thaw_lazy_unit_service_microseconds_total") / units
     );
     // The balloon works on a cached snapshot's VM as well.
-    second.balloon_remove(data_page * PAGE, 1);
-    let (tx, rx) = mpsc::channel();
-    let reader = second.clone();
-    std::thread::spawn(move || tx.send(reader.read_page(data_page * PAGE)).unwrap());
-    let after = rx.recv_timeout(PAGES_DEADLINE).expect("a removed page was not served again");
-    assert!(after.iter().all(|b| *b == 0), "a page removed by the balloon came back with data");
+    assert_balloon_zeroes(&second, data_page * PAGE);
     // The leases' copies and the recorded snapshot are all accounted for.
     let disk = node.get("/v1/disk").await;
     assert_eq!(disk["allocated_on_disk"], disk["used_by_index"], "disk usage and the index disagree: {disk}");
     node.release(again["lease"].as_str().unwrap()).await;
     node.release(answer["lease"].as_str().unwrap()).await;
+}
+
+/// Has the balloon take back the page at `offset` of `vm`, then checks that it is served
+/// again, as zeros, not as the file's bytes.
+fn assert_balloon_zeroes(vm: &Arc<FirecrackerStandIn>, offset: usize) {
+    vm.balloon_remove(offset, 1);
+    let (tx, rx) = mpsc::channel();
+    let reader = vm.clone();
+    std::thread::spawn(move || tx.send(reader.read_page(offset)).unwrap());
+    let after = rx.recv_timeout(PAGES_DEADLINE).expect("a removed page was not served again");
+    assert!(after.iter().all(|b| *b == 0), "a page removed by the balloon came back with data");
 }
 
 /// What the proxy in front of the registry does.

@@ -392,28 +392,48 @@ fn fill_now(vm: &Vm, region: &Region, file: std::ops::Range<u64>, buf: Option<&m
     };
     let mut done = 0u64;
     while done < len {
-        let result = match data {
-            Some(d) => vm.uffd.copy(dst + done, &d[done as usize..]),
-            None => vm.uffd.zero(dst + done, len - done),
-        };
-        match result {
-            Ok(Filled::All) => {
-                vm.metrics.count_fill(data.is_some(), len - done);
-                done = len;
-            }
-            Ok(Filled::Partly(n)) => {
-                vm.metrics.count_fill(data.is_some(), n);
-                done += n;
-            }
-            Ok(Filled::FirstPageExists) => {
-                let _ = vm.uffd.wake(dst + done, vm.page());
-                done += vm.page();
-            }
+        match fill_step(vm, dst, data, len, done) {
+            Step::Advanced(to) => done = to,
             // A remove event is pending, or the VM is gone: the task path deals with both.
-            Ok(Filled::Busy) | Err(_) => return false,
+            Step::Busy | Step::Failed(_) => return false,
         }
     }
     true
+}
+
+/// What one fill call did.
+enum Step {
+    /// This many bytes of the range are filled now.
+    Advanced(u64),
+    /// Nothing: a remove event is pending (read events, then retry).
+    Busy,
+    Failed(Errno),
+}
+
+/// One `UFFDIO_COPY` of `data` (`UFFDIO_ZEROPAGE` when `None`) of what is left of
+/// `[dst, dst + len)` after its first `done` bytes, counted in the metrics; a first page
+/// already present is skipped, its waiters woken.
+fn fill_step(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64, done: u64) -> Step {
+    let result = match data {
+        Some(d) => vm.uffd.copy(dst + done, &d[done as usize..]),
+        None => vm.uffd.zero(dst + done, len - done),
+    };
+    match result {
+        Ok(Filled::All) => {
+            vm.metrics.count_fill(data.is_some(), len - done);
+            Step::Advanced(len)
+        }
+        Ok(Filled::Partly(n)) => {
+            vm.metrics.count_fill(data.is_some(), n);
+            Step::Advanced(done + n)
+        }
+        Ok(Filled::FirstPageExists) => {
+            let _ = vm.uffd.wake(dst + done, vm.page());
+            Step::Advanced(done + vm.page())
+        }
+        Ok(Filled::Busy) => Step::Busy,
+        Err(e) => Step::Failed(e),
+    }
 }
 
 /// Gets unit `u`'s bytes, retrying failed fetches until they succeed or the VM is gone,
@@ -502,28 +522,12 @@ async fn fill_run(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
 /// Fills `[dst, dst + len)` with `data` (`UFFDIO_ZEROPAGE` when `None`), resuming after
 /// partial copies and pages already present, waiting out pending remove events.
 async fn fill_exact(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
-    let page = vm.page();
     let mut done = 0u64;
     let mut busy_tries = 0u32;
     while done < len {
-        let result = match data {
-            Some(d) => vm.uffd.copy(dst + done, &d[done as usize..]),
-            None => vm.uffd.zero(dst + done, len - done),
-        };
-        match result {
-            Ok(Filled::All) => {
-                vm.metrics.count_fill(data.is_some(), len - done);
-                done = len;
-            }
-            Ok(Filled::Partly(n)) => {
-                vm.metrics.count_fill(data.is_some(), n);
-                done += n;
-            }
-            Ok(Filled::FirstPageExists) => {
-                let _ = vm.uffd.wake(dst + done, page);
-                done += page;
-            }
-            Ok(Filled::Busy) => {
+        match fill_step(vm, dst, data, len, done) {
+            Step::Advanced(to) => done = to,
+            Step::Busy => {
                 // A remove event is pending: the event loop reads it, then this succeeds.
                 busy_tries += 1;
                 if busy_tries > 100_000 || vm.gone.load(Ordering::SeqCst) {
@@ -531,11 +535,11 @@ async fn fill_exact(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
                 }
                 tokio::time::sleep(Duration::from_micros(50)).await;
             }
-            Err(Errno::SRCH) => {
+            Step::Failed(Errno::SRCH) => {
                 vm.gone.store(true, Ordering::SeqCst);
                 return false;
             }
-            Err(e) => {
+            Step::Failed(e) => {
                 tracing::warn!(dst, len, error = %e, "page server: a fill failed");
                 return false;
             }

@@ -79,15 +79,7 @@ impl FirecrackerStandIn {
         let mut regions = Vec::new();
         for w in bounds.windows(2) {
             let len = w[1] - w[0];
-            // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-            let base = unsafe {
-                rustix::mm::mmap_anonymous(
-                    std::ptr::null_mut(),
-                    len,
-                    ProtFlags::READ | ProtFlags::WRITE,
-                    MapFlags::PRIVATE | MapFlags::NORESERVE,
-                )?
-            } as usize;
+            let base = map_anonymous(len)?;
             let mut reg = uffdio_register {
                 range: uffdio_range { start: base as u64, len: len as u64 },
                 mode: UFFDIO_REGISTER_MODE_MISSING.into(),
@@ -241,14 +233,10 @@ pub struct Touched {
     pub took: Duration,
 }
 
-/// This machine's floor for a fault with no handler at all: how long each first write to a
-/// page of fresh anonymous memory takes (one minor fault, the kernel zeroing a 4 KiB page),
-/// over `pages` pages, nanoseconds. What a VM pays per page when its memory needs no bytes
-/// from anywhere; the benchmark reports it beside the page server's figures.
-pub fn minor_fault_nanos(pages: usize) -> std::io::Result<Vec<u64>> {
-    let len = pages * PAGE;
-    // SAFETY: a fresh private anonymous mapping; nothing else refers to it, and it is
-    // unmapped below before anything could.
+/// A fresh private anonymous mapping of `len` bytes, readable and writable, as guest memory
+/// is; its address. The caller unmaps it.
+fn map_anonymous(len: usize) -> std::io::Result<usize> {
+    // SAFETY: a new mapping at an address the kernel picks; nothing else refers to it.
     let base = unsafe {
         rustix::mm::mmap_anonymous(
             std::ptr::null_mut(),
@@ -256,7 +244,17 @@ pub fn minor_fault_nanos(pages: usize) -> std::io::Result<Vec<u64>> {
             ProtFlags::READ | ProtFlags::WRITE,
             MapFlags::PRIVATE | MapFlags::NORESERVE,
         )?
-    } as usize;
+    };
+    Ok(base as usize)
+}
+
+/// This machine's floor for a fault with no handler at all: how long each first write to a
+/// page of fresh anonymous memory takes (one minor fault, the kernel zeroing a 4 KiB page),
+/// over `pages` pages, nanoseconds. What a VM pays per page when its memory needs no bytes
+/// from anywhere; the benchmark reports it beside the page server's figures.
+pub fn minor_fault_nanos(pages: usize) -> std::io::Result<Vec<u64>> {
+    let len = pages * PAGE;
+    let base = map_anonymous(len)?;
     let mut nanos = Vec::with_capacity(pages);
     for p in 0..pages {
         let started = std::time::Instant::now();
