@@ -352,12 +352,15 @@ fn serve_fault_now(vm: &Vm, u: usize, at: u64, started: Instant, buf: &mut Vec<u
 }
 
 /// Fills the pages of a unit taken by [`serve_fault_now`] other than the one it filled.
-/// Whatever cannot be filled here (the VMM is changing its mappings) a task fills.
+/// Whatever cannot be filled here a task fills: when the VMM is changing its mappings, or
+/// removed pages since (a remove event read with the fault: those pages must stay zero,
+/// which the task's [`fill_range`] leaves them).
 fn finish_unit(vm: &Arc<Vm>, rest: UnitRest, buf: &mut Vec<u8>) {
     let range = vm.layout.unit_range(rest.unit);
     let region = &vm.regions[rest.region];
     let after = rest.filled + vm.page();
-    let done = fill_now(vm, region, range.start..rest.filled, Some(buf))
+    let done = vm.removed.lock().expect("removed lock").is_empty()
+        && fill_now(vm, region, range.start..rest.filled, Some(buf))
         && fill_now(vm, region, after..range.end, Some(buf));
     if done {
         vm.units[rest.unit].store(FILLED, Ordering::Release);
