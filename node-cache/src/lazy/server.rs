@@ -475,37 +475,62 @@ async fn serve_unit(vm: Arc<Vm>, u: usize, started: Option<Instant>) {
 }
 
 /// Fills `[dst, dst + len)` with `data` (zeros when `None`), leaving out removed pages.
-/// Answers whether everything asked was filled.
+/// Answers whether everything asked was filled. A remove event pending in the kernel stops
+/// a copy (`EAGAIN`); once the fault loop has read it the runs are worked out again, so a
+/// page removed meanwhile stays zero rather than getting the bytes.
 async fn fill_range(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
     let page = vm.page();
-    // Runs of pages that were not removed, as (start, end) offsets from `dst`.
-    let runs: Vec<(u64, u64)> = {
-        let removed = vm.removed.lock().expect("removed lock");
-        if removed.is_empty() || data.is_none() {
-            vec![(0, len)]
-        } else {
-            let mut runs: Vec<(u64, u64)> = Vec::new();
-            let mut at = 0;
-            while at < len {
-                if !removed.contains(&(dst + at)) {
-                    match runs.last_mut() {
-                        Some(last) if last.1 == at => last.1 = at + page,
-                        _ => runs.push((at, at + page)),
+    let mut busy_tries = 0u32;
+    'runs: loop {
+        // Runs of pages that were not removed, as (start, end) offsets from `dst`. Pages
+        // filled by an earlier pass are skipped by the kernel (`EEXIST`).
+        let runs: Vec<(u64, u64)> = {
+            let removed = vm.removed.lock().expect("removed lock");
+            if removed.is_empty() || data.is_none() {
+                vec![(0, len)]
+            } else {
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                let mut at = 0;
+                while at < len {
+                    if !removed.contains(&(dst + at)) {
+                        match runs.last_mut() {
+                            Some(last) if last.1 == at => last.1 = at + page,
+                            _ => runs.push((at, at + page)),
+                        }
                     }
+                    at += page;
                 }
-                at += page;
+                runs
             }
-            runs
+        };
+        let mut all = true;
+        for (start, end) in runs {
+            let part = data.map(|d| &d[start as usize..end as usize]);
+            match fill_run(vm, dst + start, part, end - start) {
+                Fill::Done(ok) => all &= ok,
+                Fill::Busy => {
+                    busy_tries += 1;
+                    if busy_tries > 100_000 || vm.gone.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_micros(50)).await;
+                    continue 'runs;
+                }
+            }
         }
-    };
-    let mut all = true;
-    for (start, end) in runs {
-        all &= fill_run(vm, dst + start, data.map(|d| &d[start as usize..end as usize]), end - start).await;
+        return all;
     }
-    all
 }
 
-async fn fill_run(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
+/// How a run's fill ended.
+enum Fill {
+    /// Whether all of it was filled.
+    Done(bool),
+    /// A remove event is pending: nothing more was filled.
+    Busy,
+}
+
+fn fill_run(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> Fill {
     let page = vm.page();
     if data.is_none() && page > 4096 {
         // Huge pages have no UFFDIO_ZEROPAGE: their zeros are copied, a page at a time (a
@@ -514,39 +539,34 @@ async fn fill_run(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
         let mut all = true;
         let mut at = 0;
         while at < len {
-            all &= fill_exact(vm, dst + at, Some(&zeros), page).await;
+            match fill_exact(vm, dst + at, Some(&zeros), page) {
+                Fill::Done(ok) => all &= ok,
+                Fill::Busy => return Fill::Busy,
+            }
             at += page;
         }
-        return all;
+        return Fill::Done(all);
     }
-    fill_exact(vm, dst, data, len).await
+    fill_exact(vm, dst, data, len)
 }
 
 /// Fills `[dst, dst + len)` with `data` (`UFFDIO_ZEROPAGE` when `None`), resuming after
-/// partial copies and pages already present, waiting out pending remove events.
-async fn fill_exact(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> bool {
+/// partial copies and pages already present; stops at a pending remove event.
+fn fill_exact(vm: &Vm, dst: u64, data: Option<&[u8]>, len: u64) -> Fill {
     let mut done = 0u64;
-    let mut busy_tries = 0u32;
     while done < len {
         match fill_step(vm, dst, data, len, done) {
             Step::Advanced(to) => done = to,
-            Step::Busy => {
-                // A remove event is pending: the event loop reads it, then this succeeds.
-                busy_tries += 1;
-                if busy_tries > 100_000 || vm.gone.load(Ordering::SeqCst) {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_micros(50)).await;
-            }
+            Step::Busy => return Fill::Busy,
             Step::Failed(Errno::SRCH) => {
                 vm.gone.store(true, Ordering::SeqCst);
-                return false;
+                return Fill::Done(false);
             }
             Step::Failed(e) => {
                 tracing::warn!(dst, len, error = %e, "page server: a fill failed");
-                return false;
+                return Fill::Done(false);
             }
         }
     }
-    true
+    Fill::Done(true)
 }
