@@ -238,9 +238,14 @@ pub(crate) fn write(md: &mut String, args: &Args, measured: &Measured, plot_dir:
                 hist_cell(h, 0.99)
             );
         }
+        let minor: Vec<f64> = lazy.iter().flat_map(|r| &r.minor_faults_ns).map(|n| *n as f64).collect();
         for (what, v) in [
             ("stand-in, cached snapshot (locally held chunks)", &local),
             ("stand-in, empty node (chunks fetched; faults wait for their fetch)", &cold),
+            (
+                "this machine, no handler: a first write to fresh anonymous memory (one minor fault, per 4 KiB page)",
+                &minor,
+            ),
         ] {
             let _ = writeln!(
                 md,
@@ -252,16 +257,6 @@ pub(crate) fn write(md: &mut String, args: &Args, measured: &Measured, plot_dir:
                 micros(v, 1.0)
             );
         }
-        let minor: Vec<f64> = lazy.iter().flat_map(|r| &r.minor_faults_ns).map(|n| *n as f64).collect();
-        let _ = writeln!(
-            md,
-            "| this machine, no handler: a first write to fresh anonymous memory (one minor fault, per 4 KiB page) | {} | {} | {} | {} | {} |",
-            minor.len(),
-            micros(&minor, 0.5),
-            micros(&minor, 0.9),
-            micros(&minor, 0.99),
-            micros(&minor, 1.0)
-        );
         let _ = writeln!(
             md,
             "| published: FaaSnap, a page from the page cache (minor fault) | – | 3.7 | – | – | – |\n\
