@@ -64,7 +64,7 @@ async fn manifest_descriptor(snap: &Pushed) -> Descriptor {
         .get_manifest(reference.repository(), &reference.manifest_reference())
         .await
         .unwrap();
-    Descriptor { digest: m.digest, size: m.body.len() as u64, media_type: m.media_type }
+    Descriptor { digest: m.digest, size: m.body.len() as u64, media_type: m.media_type, recipe: None }
 }
 
 /// The recipe entries a VM touching `trace` (one page at a time, in order) touches first:

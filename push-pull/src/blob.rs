@@ -1,7 +1,8 @@
 //! Writing single blobs for callers that keep their own chunk store (the node cache): from
 //! a recipe, with chunks the caller already holds on local disk copied instead of fetched,
-//! or by a plain download. Every local chunk is checked against its id when read, and the
-//! whole file against its digest before this returns `Ok`; the caller renames it into place.
+//! or by a plain download. Every chunk is checked against its id, and the whole file against
+//! its digest unless the recipe is the one the manifest names ([`FileCheck::Chain`]), before
+//! this returns `Ok`; the caller renames it into place.
 //! A caller may also plug in a second chunk source tried before the registry (the node
 //! cache's peers, [`ChunkSource`]); whatever it does not deliver, or delivers wrong, is
 //! fetched from the registry chunk by chunk.
@@ -11,12 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use thaw_schema::{ChunkId, Recipe, Sha256Digest};
+use thaw_schema::{ChunkId, Sha256Digest};
 
 use crate::error::{Error, Result};
 use crate::local::Location;
 use crate::materialize::{self, Target};
 use crate::registry::Registry;
+use crate::thaw_api::{FileCheck, LayerRecipe};
 
 /// Where the caller holds one chunk's uncompressed bytes.
 #[derive(Debug, Clone)]
@@ -68,7 +70,7 @@ pub struct BlobTarget<'a> {
 }
 
 /// Creates (or truncates) the target file and describes it for the materializer.
-fn prepare<'a>(target: BlobTarget<'a>, what: &str) -> Result<Target<'a>> {
+fn prepare<'a>(target: BlobTarget<'a>, what: &str, check: FileCheck) -> Result<Target<'a>> {
     create_empty(target.path)?;
     Ok(Target {
         repository: target.repository,
@@ -76,6 +78,7 @@ fn prepare<'a>(target: BlobTarget<'a>, what: &str) -> Result<Target<'a>> {
         size: target.size,
         temp: target.path,
         what: what.to_owned(),
+        check,
     })
 }
 
@@ -96,7 +99,7 @@ fn create_empty(path: &Path) -> Result<()> {
 pub async fn write_from_recipe(
     registry: &Registry,
     target: BlobTarget<'_>,
-    recipe: Recipe,
+    recipe: LayerRecipe,
     local: HashMap<ChunkId, LocalChunk>,
     what: &str,
 ) -> Result<()> {
@@ -108,7 +111,7 @@ pub async fn write_from_recipe(
 pub async fn write_from_recipe_with(
     registry: &Registry,
     target: BlobTarget<'_>,
-    recipe: Recipe,
+    recipe: LayerRecipe,
     local: HashMap<ChunkId, LocalChunk>,
     peers: Option<Arc<dyn ChunkSource>>,
     what: &str,
@@ -117,13 +120,13 @@ pub async fn write_from_recipe_with(
         .into_iter()
         .map(|(id, c)| (id, Location { path: c.path, offset: c.offset, len: c.len }))
         .collect();
-    let t = prepare(target, what)?;
-    materialize::from_recipe_with(registry, &t, recipe, Arc::new(local), None, peers).await
+    let t = prepare(target, what, recipe.check)?;
+    materialize::from_recipe_with(registry, &t, recipe.recipe, Arc::new(local), None, peers).await
 }
 
 /// Downloads the blob whole with plain `GET`s (a registry without `_thaw`, or a blob
 /// without a recipe), with zero blocks left as holes, and checks its digest.
 pub async fn download(registry: &Registry, target: BlobTarget<'_>, what: &str) -> Result<()> {
-    let t = prepare(target, what)?;
+    let t = prepare(target, what, FileCheck::WholeFile)?;
     materialize::download(registry, &t).await
 }

@@ -16,6 +16,7 @@ use crate::reference::Reference;
 use crate::registry::Registry;
 use crate::sink::TempFile;
 use crate::stats::{Counter, StatsSnapshot};
+use crate::thaw_api::FileCheck;
 use crate::tuning::FETCH_BATCH_RAW_BYTES;
 use crate::upload::{upload_blobs, LocalBlob, UploadOptions};
 
@@ -195,6 +196,7 @@ async fn copy_blob(
         size: blob.size,
         temp: temp.path(),
         what: format!("blob {} of {}/{src_repo}", blob.digest, src.host()),
+        check: FileCheck::WholeFile,
     };
     stats.set_phase(format!("downloading {}", blob.digest));
     materialize::download(src, &target).await?;

@@ -47,5 +47,6 @@ pub use push::{push, push_dir, PushOptions, PushReport, PushedFile};
 pub use reference::{parse_registry_url, Reference};
 pub use registry::{ClientOptions, FetchedManifest, Referrer, Registry};
 pub use stats::{Stats, StatsSnapshot};
+pub use thaw_api::{FileCheck, LayerRecipe};
 pub use transport::RetryPolicy;
 pub use upload::{UploadOptions, UploadedBlob};

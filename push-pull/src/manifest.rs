@@ -32,6 +32,12 @@ impl Descriptor {
         self.annotations.as_ref()?.get(ANNOTATION_TITLE).map(String::as_str)
     }
 
+    /// The recipe digest named by the `dev.thaw.recipe` annotation; `None` without one, or
+    /// when it is not a sha256 digest (then the file is verified whole).
+    pub fn recipe_digest(&self) -> Option<Sha256Digest> {
+        self.annotations.as_ref()?.get(media::ANNOTATION_RECIPE)?.parse().ok()
+    }
+
     /// The snapshot role of a thaw layer.
     pub fn role(&self) -> Option<FileRole> {
         FileRole::from_media_type(&self.media_type)

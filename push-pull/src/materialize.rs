@@ -1,6 +1,8 @@
 //! Writing one blob into a temporary file: from its recipe (chunks from seeds, the cache and
 //! `_thaw/chunks/fetch`, zero chunks as holes) or by a plain streamed download. Either way
-//! every chunk and the whole file are checked before the caller may rename it into place.
+//! the file is checked before the caller may rename it into place: every chunk against its
+//! id, and the whole file against its SHA-256 unless the manifest names the recipe itself
+//! ([`FileCheck::Chain`]).
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt as _;
@@ -18,6 +20,7 @@ use crate::local::{ChunkCache, Location, OpenFiles};
 use crate::registry::{is_retryable, Registry};
 use crate::sink::FileSink;
 use crate::stats::{Counter, Stats};
+use crate::thaw_api::FileCheck;
 use crate::tuning::{FETCH_BATCH_RAW_BYTES, TRANSFER_CONCURRENCY};
 
 /// Where one blob comes from and goes to.
@@ -28,6 +31,8 @@ pub(crate) struct Target<'a> {
     pub(crate) temp: &'a Path,
     /// For messages: `file "memory" of host/repo:tag`.
     pub(crate) what: String,
+    /// Whether the whole file is hashed once written (a download always is).
+    pub(crate) check: FileCheck,
 }
 
 /// Writes the blob from its recipe. `local` maps chunk ids to seed locations.
@@ -137,8 +142,9 @@ pub(crate) async fn from_recipe_with(
         Ok::<(), Error>(())
     };
     let (path, what, stats) = (target.temp.to_owned(), target.what.clone(), registry.stats().clone());
+    let check = target.check;
     let writer = tokio::task::spawn_blocking(move || {
-        write_recipe(&recipe, &path, &local, cache.as_ref(), cached, rx, &stats, &what)
+        write_recipe(&recipe, &path, check, &local, cache.as_ref(), cached, rx, &stats, &what)
     });
     let (fetched, written) = tokio::join!(fetches, writer);
     fetched?;
@@ -189,6 +195,7 @@ fn decode_batch(
 fn write_recipe(
     recipe: &Recipe,
     path: &Path,
+    check: FileCheck,
     local: &HashMap<ChunkId, Location>,
     cache: Option<&ChunkCache>,
     cached: HashSet<ChunkId>,
@@ -196,7 +203,7 @@ fn write_recipe(
     stats: &Stats,
     what: &str,
 ) -> Result<()> {
-    let mut sink = FileSink::open(path)?;
+    let mut sink = FileSink::open(path, check)?;
     let mut written: HashMap<ChunkId, u64> = HashMap::new();
     let mut pending: HashMap<ChunkId, Vec<u8>> = HashMap::new();
     let mut files = OpenFiles::default();
@@ -261,7 +268,7 @@ pub(crate) async fn download(registry: &Registry, target: &Target<'_>) -> Result
         (target.temp.to_path_buf(), target.what.clone(), target.size, target.digest);
     let st = stats.clone();
     let writer = tokio::task::spawn_blocking(move || {
-        let mut sink = FileSink::open(&path)?;
+        let mut sink = FileSink::open(&path, FileCheck::WholeFile)?;
         while let Some(piece) = rx.blocking_recv() {
             match piece {
                 Piece::Data(b) => {

@@ -2,19 +2,22 @@
 //! directory. All files are first written to temporaries and checked; only then are they
 //! renamed into place, so a failed pull leaves no partial or corrupt file behind.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
-use thaw_schema::Sha256Digest;
+use thaw_schema::{ChunkId, Recipe, Sha256Digest};
 
 use crate::error::{Error, Result};
-use crate::local::{ChunkCache, SeedIndex};
+use crate::local::{ChunkCache, Location, SeedIndex};
 use crate::manifest::{file_layers, ManifestDoc};
 use crate::materialize::{self, Target};
 use crate::reference::Reference;
 use crate::registry::Registry;
 use crate::sink::TempFile;
 use crate::stats::{Counter, StatsSnapshot};
+use crate::thaw_api::{FileCheck, LayerRecipe};
 
 /// Where a pull may find chunks locally.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +45,9 @@ pub struct PulledFile {
     pub size: u64,
     /// True when it was put together from a recipe (`_thaw`), false for a plain download.
     pub from_recipe: bool,
+    /// True when its recipe was the one the manifest names, so the file was proven chunk
+    /// by chunk and not hashed whole ([`crate::FileCheck::Chain`]).
+    pub verified_by_chain: bool,
 }
 
 /// What a pull did.
@@ -57,6 +63,15 @@ pub struct PullReport {
     pub files: Vec<PulledFile>,
     /// Counters for this pull alone.
     pub stats: StatsSnapshot,
+}
+
+/// One file of a pull: where it is written, what the report says of it, and its recipe
+/// with the chunks held locally (until its write starts), or `None` for a plain download.
+struct Job {
+    temp: TempFile,
+    file: PulledFile,
+    source: Option<(Recipe, Arc<HashMap<ChunkId, Location>>)>,
+    check: FileCheck,
 }
 
 /// Pulls `reference` into `dest` (created if needed).
@@ -90,17 +105,16 @@ pub async fn pull(
     }
     let cache = options.cache.as_ref().map(ChunkCache::new);
 
-    let mut done: Vec<(TempFile, PulledFile)> = Vec::new();
+    // Each file's recipe and local chunks first; then every file is written at once (the
+    // memory file's chunks are decoded and written while the disk's are, on all cores).
+    let mut jobs: Vec<Job> = Vec::new();
     for layer in layers {
         let d = &layer.descriptor;
-        let what = format!("file {:?} of {reference}", layer.title);
         let temp = TempFile::create(dest, &layer.title)?;
-        let target =
-            Target { repository, digest: d.digest, size: d.size, temp: temp.path(), what: what.clone() };
-        let recipe = if thaw { registry.recipe(repository, &d.digest).await? } else { None };
-        let from_recipe = recipe.is_some();
-        match recipe {
-            Some(recipe) => {
+        let recipe = if thaw { registry.layer_recipe(repository, d).await? } else { None };
+        let check = recipe.as_ref().map_or(FileCheck::WholeFile, |r| r.check);
+        let source = match recipe {
+            Some(LayerRecipe { recipe, .. }) => {
                 let local = if seeds.is_empty() {
                     Default::default()
                 } else {
@@ -116,25 +130,46 @@ pub async fn pull(
                     seeds = back;
                     index?
                 };
-                stats.set_phase(format!("pulling {}", layer.title));
-                materialize::from_recipe(registry, &target, recipe, local, cache.clone()).await?;
-                stats.add(Counter::BlobsTransferred, 1);
+                Some((recipe, local))
             }
-            None => {
-                stats.set_phase(format!("downloading {}", layer.title));
-                materialize::download(registry, &target).await?;
-            }
-        }
+            None => None,
+        };
         let file = PulledFile {
             path: dest.join(&layer.title),
             role: d.role().map(|r| r.key()),
-            title: layer.title,
             digest: d.digest,
             size: d.size,
-            from_recipe,
+            from_recipe: source.is_some(),
+            verified_by_chain: check == FileCheck::Chain,
+            title: layer.title,
         };
-        done.push((temp, file));
+        jobs.push(Job { temp, file, source, check });
     }
+    stats.set_phase(format!("pulling {} files", jobs.len()));
+    let writes = jobs.iter_mut().map(|job| {
+        let cache = cache.clone();
+        let stats = stats.clone();
+        async move {
+            let target = Target {
+                repository,
+                digest: job.file.digest,
+                size: job.file.size,
+                temp: job.temp.path(),
+                what: format!("file {:?} of {reference}", job.file.title),
+                check: job.check,
+            };
+            match job.source.take() {
+                Some((recipe, local)) => {
+                    materialize::from_recipe(registry, &target, recipe, local, cache).await?;
+                    stats.add(Counter::BlobsTransferred, 1);
+                }
+                None => materialize::download(registry, &target).await?,
+            }
+            Ok::<(), Error>(())
+        }
+    });
+    futures::future::try_join_all(writes).await?;
+    let done: Vec<(TempFile, PulledFile)> = jobs.into_iter().map(|j| (j.temp, j.file)).collect();
     stats.set_phase("renaming into place");
     let mut files = Vec::new();
     for (temp, file) in done {

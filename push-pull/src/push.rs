@@ -6,7 +6,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use serde::Serialize;
-use thaw_schema::manifest::{snapshot_manifest, SnapshotFile as ManifestFile};
+use thaw_schema::manifest::{canonical_json, snapshot_manifest, SnapshotFile as ManifestFile};
 use thaw_schema::media::{self, FileRole};
 use thaw_schema::Sha256Digest;
 
@@ -98,12 +98,18 @@ pub async fn push(
     let manifest_files: Vec<ManifestFile> = files
         .iter()
         .zip(&uploaded)
-        .map(|(f, u)| ManifestFile { role: f.role, title: f.title.clone(), digest: u.digest, size: u.size })
+        .map(|(f, u)| ManifestFile {
+            role: f.role,
+            title: f.title.clone(),
+            digest: u.digest,
+            size: u.size,
+            recipe: u.recipe,
+        })
         .collect();
     let manifest =
         snapshot_manifest(config_digest, config.len() as u64, &manifest_files, options.annotations.clone())
             .map_err(|e| Error::Snapshot(format!("building the manifest for {reference}: {e}")))?;
-    let body = Bytes::from(serde_json::to_vec(&manifest).expect("a manifest serializes"));
+    let body = Bytes::from(canonical_json(&manifest));
     let digest = Sha256Digest::of(&body);
     let target = match (reference.tag(), reference.digest()) {
         (Some(tag), _) => tag.to_owned(),

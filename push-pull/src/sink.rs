@@ -11,6 +11,7 @@ use thaw_schema::digest::Sha256Hasher;
 use thaw_schema::Sha256Digest;
 
 use crate::error::{Error, Result};
+use crate::thaw_api::FileCheck;
 use crate::tuning::HOLE_BLOCK;
 
 /// A temporary file in the destination directory, removed on drop unless persisted.
@@ -83,25 +84,28 @@ pub(crate) fn write_sparse(file: &File, offset: u64, data: &[u8]) -> std::io::Re
     Ok(())
 }
 
-/// A file written front to back and hashed on the way.
+/// A file written front to back, hashed on the way unless its content is already proven
+/// piece by piece (the verified chunk chain).
 pub(crate) struct FileSink {
     file: File,
     path: PathBuf,
     offset: u64,
-    hasher: Sha256Hasher,
+    hasher: Option<Sha256Hasher>,
 }
 
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl FileSink {
-    /// Opens the (empty) file at `path` for writing.
-    pub(crate) fn open(path: &Path) -> Result<Self> {
+    /// Opens the (empty) file at `path` for writing; `check` says whether [`Self::finish`]
+    /// hashes the whole file.
+    pub(crate) fn open(path: &Path, check: FileCheck) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(|e| Error::io("opening", path, e))?;
-        Ok(Self { file, path: path.to_owned(), offset: 0, hasher: Sha256Hasher::new() })
+        let hasher = (check == FileCheck::WholeFile).then(Sha256Hasher::new);
+        Ok(Self { file, path: path.to_owned(), offset: 0, hasher })
     }
 
     /// Bytes written (or skipped as zeros) so far.
@@ -117,18 +121,22 @@ impl FileSink {
     /// Appends bytes.
     pub(crate) fn append(&mut self, data: &[u8]) -> Result<()> {
         write_sparse(&self.file, self.offset, data).map_err(|e| Error::io("writing", &self.path, e))?;
-        self.hasher.update(data);
+        if let Some(h) = &mut self.hasher {
+            h.update(data);
+        }
         self.offset += data.len() as u64;
         Ok(())
     }
 
     /// Appends `len` zero bytes as a hole.
     pub(crate) fn append_zeros(&mut self, len: u64) {
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(ZEROS.len() as u64) as usize;
-            self.hasher.update(&ZEROS[..n]);
-            left -= n as u64;
+        if let Some(h) = &mut self.hasher {
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(ZEROS.len() as u64) as usize;
+                h.update(&ZEROS[..n]);
+                left -= n as u64;
+            }
         }
         self.offset += len;
     }
@@ -137,18 +145,20 @@ impl FileSink {
     pub(crate) fn reset(&mut self) -> Result<()> {
         self.file.set_len(0).map_err(|e| Error::io("truncating", &self.path, e))?;
         self.offset = 0;
-        self.hasher = Sha256Hasher::new();
+        self.hasher = self.hasher.as_ref().map(|_| Sha256Hasher::new());
         Ok(())
     }
 
-    /// Checks size and digest, sets the length (trailing holes) and syncs.
+    /// Checks size and (when hashing) digest, sets the length (trailing holes) and syncs.
     pub(crate) fn finish(self, size: u64, digest: &Sha256Digest, what: &str) -> Result<()> {
         if self.offset != size {
             return Err(Error::integrity(what, format!("{} bytes received, {size} expected", self.offset)));
         }
-        let actual = self.hasher.finish();
-        if actual != *digest {
-            return Err(Error::integrity(what, format!("the file hashes to {actual}, not {digest}")));
+        if let Some(hasher) = self.hasher {
+            let actual = hasher.finish();
+            if actual != *digest {
+                return Err(Error::integrity(what, format!("the file hashes to {actual}, not {digest}")));
+            }
         }
         self.file.set_len(size).map_err(|e| Error::io("sizing", &self.path, e))?;
         self.file.sync_all().map_err(|e| Error::io("syncing", &self.path, e))?;
@@ -168,7 +178,7 @@ mod tests {
         let mut data = vec![0u8; 1024 * 1024];
         data[5000] = 1; // inside the second block, which is written
         data[700_000..700_010].copy_from_slice(b"0123456789");
-        let mut sink = FileSink::open(tmp.path()).unwrap();
+        let mut sink = FileSink::open(tmp.path(), FileCheck::WholeFile).unwrap();
         // Unaligned pieces.
         sink.append(&data[..3000]).unwrap();
         sink.append(&data[3000..600_001]).unwrap();
@@ -191,13 +201,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let tmp = TempFile::create(dir.path(), "f").unwrap();
-            let mut sink = FileSink::open(tmp.path()).unwrap();
+            let mut sink = FileSink::open(tmp.path(), FileCheck::WholeFile).unwrap();
             sink.append(b"abc").unwrap();
             assert!(sink.finish(3, &Sha256Digest::of(b"abd"), "f").is_err());
-            let mut sink = FileSink::open(tmp.path()).unwrap();
+            let mut sink = FileSink::open(tmp.path(), FileCheck::WholeFile).unwrap();
             sink.append(b"ab").unwrap();
             assert!(sink.finish(3, &Sha256Digest::of(b"ab"), "f").is_err());
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_chain_checked_sink_checks_the_size_but_does_not_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = TempFile::create(dir.path(), "f").unwrap();
+        let mut sink = FileSink::open(tmp.path(), FileCheck::Chain).unwrap();
+        sink.append(b"abc").unwrap();
+        sink.append_zeros(5);
+        // The content was proven chunk by chunk; the digest is not what is checked here.
+        sink.finish(8, &Sha256Digest::of(b"anything"), "f").unwrap();
+        assert_eq!(std::fs::read(tmp.path()).unwrap(), b"abc\0\0\0\0\0");
+        let mut sink = FileSink::open(tmp.path(), FileCheck::Chain).unwrap();
+        sink.append(b"abc").unwrap();
+        assert!(sink.finish(4, &Sha256Digest::of(b"abc"), "f").is_err());
     }
 }

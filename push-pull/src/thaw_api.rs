@@ -14,6 +14,7 @@ use thaw_schema::frame::EncodedChunk;
 use thaw_schema::{media, ChunkId, ErrorCode, Recipe, Sha256Digest};
 
 use crate::error::{Error, RegistryCode, Result};
+use crate::manifest::Descriptor;
 use crate::registry::Registry;
 use crate::transport::{Body, Request, Scope};
 
@@ -21,6 +22,30 @@ use crate::transport::{Body, Request, Scope};
 const MAX_RECIPE_LEN: usize = 64 * 1024 * 1024;
 /// Largest chunk batch answer accepted (the registry's batch limit).
 const MAX_BATCH_LEN: usize = 64 * 1024 * 1024;
+
+/// How a file written from a recipe is checked once written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileCheck {
+    /// Every chunk is checked against its id, and the recipe against the manifest's
+    /// `dev.thaw.recipe` annotation: the whole file is not hashed again (docs/FORMAT.md,
+    /// "The verified chunk chain").
+    Chain,
+    /// Every chunk is checked against its id, and the whole file against its SHA-256.
+    WholeFile,
+}
+
+/// A layer's recipe, with how the file written from it is checked.
+#[derive(Debug, Clone)]
+pub struct LayerRecipe {
+    /// The recipe, checked to describe the layer's blob.
+    pub recipe: Recipe,
+    /// Chain, when the manifest names this exact recipe.
+    pub check: FileCheck,
+}
+
+fn recipe_digest_header(headers: &reqwest::header::HeaderMap) -> Option<Sha256Digest> {
+    headers.get("thaw-recipe-digest")?.to_str().ok()?.parse().ok()
+}
 
 impl Registry {
     /// Of `ids`, those the registry does not store. Asked in queries of at most 100,000 ids,
@@ -146,7 +171,13 @@ impl Registry {
     }
 
     /// Commits a blob from its recipe: the registry checks every chunk and the whole digest.
-    pub(crate) async fn commit_recipe(&self, repository: &str, recipe: &Recipe) -> Result<()> {
+    /// Commits a blob by its recipe; answers the digest of the recipe the registry keeps the
+    /// blob by (its own, when it held the blob already), if the registry says.
+    pub(crate) async fn commit_recipe(
+        &self,
+        repository: &str,
+        recipe: &Recipe,
+    ) -> Result<Option<Sha256Digest>> {
         let digest = recipe.digest;
         let op = format!("committing blob {digest} to {}/{repository}", self.host());
         let req = Request::new(
@@ -157,13 +188,66 @@ impl Registry {
         .header("content-type", media::RECIPE)
         .body(Body::Bytes(Bytes::from(recipe.encode())));
         let resp = self.transport.send(&op, &req).await?;
-        self.transport.expect(&op, resp, &[201]).await?;
-        Ok(())
+        let resp = self.transport.expect(&op, resp, &[201]).await?;
+        Ok(recipe_digest_header(resp.headers()))
+    }
+
+    /// The digest of the recipe the registry keeps a blob of `repository` by (`HEAD` of the
+    /// recipe); `None` when it has none or does not say.
+    pub(crate) async fn held_recipe_digest(
+        &self,
+        repository: &str,
+        digest: &Sha256Digest,
+    ) -> Result<Option<Sha256Digest>> {
+        let op = format!("HEAD recipe of {}/{repository}@{digest}", self.host());
+        let req = Request::new(
+            Method::HEAD,
+            self.transport.url(&format!("/v2/{repository}/_thaw/blobs/{digest}/recipe")),
+            Scope::Pull(repository.to_owned()),
+        );
+        let resp = self.transport.send(&op, &req).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = self.transport.expect(&op, resp, &[200]).await?;
+        Ok(recipe_digest_header(resp.headers()))
     }
 
     /// The recipe of a blob readable in `repository`, checked to be the blob's; `None` when
     /// the registry has no recipe for it.
     pub async fn recipe(&self, repository: &str, digest: &Sha256Digest) -> Result<Option<Recipe>> {
+        Ok(self.fetch_recipe(repository, digest).await?.map(|(recipe, _)| recipe))
+    }
+
+    /// The recipe of a manifest layer, and how a file written from it must be checked: by
+    /// the chain when the layer's `dev.thaw.recipe` annotation names exactly the recipe
+    /// received (its SHA-256), else by hashing the whole file. `None` when the registry has
+    /// no recipe for the blob.
+    pub async fn layer_recipe(&self, repository: &str, layer: &Descriptor) -> Result<Option<LayerRecipe>> {
+        let Some((recipe, received)) = self.fetch_recipe(repository, &layer.digest).await? else {
+            return Ok(None);
+        };
+        let check = match layer.recipe_digest() {
+            Some(named) if named == received => FileCheck::Chain,
+            Some(named) => {
+                tracing::warn!(
+                    layer = %layer.digest, %named, %received,
+                    "the registry keeps this blob by another recipe than the manifest names; verifying the whole file"
+                );
+                FileCheck::WholeFile
+            }
+            None => FileCheck::WholeFile,
+        };
+        Ok(Some(LayerRecipe { recipe, check }))
+    }
+
+    /// The recipe of a blob, checked to be the blob's, with the SHA-256 of its encoding as
+    /// received.
+    async fn fetch_recipe(
+        &self,
+        repository: &str,
+        digest: &Sha256Digest,
+    ) -> Result<Option<(Recipe, Sha256Digest)>> {
         let op = format!("GET recipe of {}/{repository}@{digest}", self.host());
         let req = Request::new(
             Method::GET,
@@ -185,7 +269,7 @@ impl Registry {
                 format!("the registry sent the recipe of {}", recipe.digest),
             ));
         }
-        Ok(Some(recipe))
+        Ok(Some((recipe, Sha256Digest::of(&body))))
     }
 
     /// Fetches chunks of `blob`, in order. The answer is checked to hold exactly the chunks

@@ -63,6 +63,11 @@ pub struct UploadedBlob {
     pub zero_chunks: usize,
     /// True when the repository already had it and nothing was sent.
     pub skipped: bool,
+    /// The digest of its recipe's encoding, when the registry keeps the blob by exactly the
+    /// recipe cut here: what the layer's `dev.thaw.recipe` annotation names. `None` on the
+    /// plain path, or when the registry already kept the blob by another recipe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<Sha256Digest>,
 }
 
 /// Uploads `blobs` into `repository`, in order; returns one entry per blob. `known` are
@@ -104,7 +109,7 @@ async fn upload_plain(
             stats.add(Counter::WorkDone, size);
             stats.add(Counter::BlobsTransferred, 1);
         }
-        out.push(UploadedBlob { digest, size, chunks: 0, zero_chunks: 0, skipped });
+        out.push(UploadedBlob { digest, size, chunks: 0, zero_chunks: 0, skipped, recipe: None });
     }
     Ok(out)
 }
@@ -171,10 +176,12 @@ async fn upload_thaw(
     }
     let mut out = Vec::new();
     for ((blob, scan), skip) in blobs.iter().zip(&scans).zip(skipped) {
-        if !skip {
+        let recipe = scan.recipe();
+        let held = if skip {
+            registry.held_recipe_digest(repository, &recipe.digest).await?
+        } else {
             stats.set_phase(format!("committing {}", blob.label));
-            let recipe = scan.recipe();
-            match registry.commit_recipe(repository, &recipe).await {
+            let held = match registry.commit_recipe(repository, &recipe).await {
                 Err(Error::Registry { code: Some(RegistryCode::Spec(ErrorCode::BlobUnknown)), .. })
                     if !known.is_empty() =>
                 {
@@ -184,18 +191,27 @@ async fn upload_thaw(
                     let ids: Vec<ChunkId> =
                         recipe.distinct_chunks().into_iter().filter(|id| known.contains(id)).collect();
                     send_missing(registry, repository, &ids, &sources, options.zstd_level).await?;
-                    registry.commit_recipe(repository, &recipe).await?;
+                    registry.commit_recipe(repository, &recipe).await?
                 }
                 other => other?,
-            }
+            };
             stats.add(Counter::BlobsTransferred, 1);
+            held
+        };
+        let cut_here = recipe.encoded_digest();
+        if held.is_some_and(|h| h != cut_here) {
+            tracing::info!(
+                blob = %blob.label,
+                "the registry keeps this blob by a recipe of its own; its layer gets no recipe annotation, so pulls verify the whole file"
+            );
         }
         out.push(UploadedBlob {
-            digest: scan.sha256.expect("scanned with SHA-256"),
+            digest: recipe.digest,
             size: scan.size,
             chunks: scan.chunks.len(),
             zero_chunks: scan.chunks.iter().filter(|c| c.id.is_none()).count(),
             skipped: skip,
+            recipe: held.filter(|h| *h == cut_here),
         });
     }
     Ok(out)

@@ -34,6 +34,12 @@ enum Lie {
     BatchCut,
     /// The blob upload's 201 names another digest.
     UploadDigest,
+    /// The memory blob's recipe is swapped for one that names the blob but lists the chunks
+    /// of other content (all of them served, all of them matching their ids).
+    RecipeSwapped,
+    /// The manifest's `dev.thaw.recipe` annotation names another recipe than the one the
+    /// (honest) registry keeps the blob by.
+    AnnotationNamesOther,
 }
 
 struct Fake {
@@ -42,6 +48,8 @@ struct Fake {
     manifest: Vec<u8>,
     blobs: HashMap<Sha256Digest, Vec<u8>>,
     recipes: HashMap<Sha256Digest, Vec<u8>>,
+    /// What `RecipeSwapped` serves for the memory blob.
+    swapped_recipe: Vec<u8>,
     chunks: HashMap<ChunkId, Vec<u8>>,
 }
 
@@ -84,6 +92,9 @@ impl Fake {
         }
         if let Some(rest) = path.strip_prefix("/v2/fn/x/_thaw/blobs/") {
             let digest: Sha256Digest = rest.trim_end_matches("/recipe").parse().unwrap();
+            if self.lie == Lie::RecipeSwapped && self.recipes.contains_key(&digest) {
+                return ok(self.swapped_recipe.clone());
+            }
             return self.recipes.get(&digest).map_or_else(|| status(404), |r| ok(r.clone()));
         }
         if path == "/v2/fn/x/_thaw/chunks/fetch" {
@@ -174,16 +185,12 @@ async fn start(fake: Fake) -> String {
     .await
 }
 
-/// An honest artifact: one memory file, with its recipe and chunks.
-fn artifact(lie: Lie, thaw: bool) -> (Fake, Vec<u8>) {
-    let mut memory = memory_image(160, 5); // 640 KiB
-    memory[..4].copy_from_slice(b"MEM!");
-    let config = b"{}".to_vec();
-    let digest = Sha256Digest::of(&memory);
+/// The encoded recipe of `content` (fixed 64 KiB chunks), its header naming `blob`; its
+/// chunks go into `chunks`.
+fn recipe_of(content: &[u8], blob: Sha256Digest, chunks: &mut HashMap<ChunkId, Vec<u8>>) -> Vec<u8> {
     let params = ChunkerParams::fixed(64 * 1024);
     let mut builder = RecipeBuilder::new(params);
-    let mut chunks = HashMap::new();
-    for c in params.chunks(&memory[..]).unwrap() {
+    for c in params.chunks(content).unwrap() {
         let c = c.unwrap();
         if c.is_zero() {
             builder.push_zero(c.data.len() as u32);
@@ -193,9 +200,30 @@ fn artifact(lie: Lie, thaw: bool) -> (Fake, Vec<u8>) {
             chunks.insert(id, c.data);
         }
     }
-    let recipe = builder.finish(digest).encode();
-    let file =
-        SnapshotFile { role: FileRole::Memory, title: "memory".into(), digest, size: memory.len() as u64 };
+    builder.finish(blob).encode()
+}
+
+/// An honest artifact: one memory file, with its recipe and chunks, the manifest naming
+/// the recipe (`dev.thaw.recipe`) as `thaw push` writes it.
+fn artifact(lie: Lie, thaw: bool) -> (Fake, Vec<u8>) {
+    let mut memory = memory_image(160, 5); // 640 KiB
+    memory[..4].copy_from_slice(b"MEM!");
+    let config = b"{}".to_vec();
+    let digest = Sha256Digest::of(&memory);
+    let mut chunks = HashMap::new();
+    let recipe = recipe_of(&memory, digest, &mut chunks);
+    // Other content of the same size, its recipe forged to name the memory blob.
+    let mut other = memory_image(160, 6);
+    other[..4].copy_from_slice(b"OTH!");
+    let swapped_recipe = recipe_of(&other, digest, &mut chunks);
+    let named = if lie == Lie::AnnotationNamesOther { &swapped_recipe } else { &recipe };
+    let file = SnapshotFile {
+        role: FileRole::Memory,
+        title: "memory".into(),
+        digest,
+        size: memory.len() as u64,
+        recipe: Some(Sha256Digest::of(named)),
+    };
     let manifest = serde_json::to_vec(
         &snapshot_manifest(Sha256Digest::of(&config), 2, &[file], HashMap::new()).unwrap(),
     )
@@ -206,6 +234,7 @@ fn artifact(lie: Lie, thaw: bool) -> (Fake, Vec<u8>) {
         manifest,
         blobs: HashMap::from([(digest, memory.clone()), (Sha256Digest::of(&config), config)]),
         recipes: HashMap::from([(digest, recipe)]),
+        swapped_recipe,
         chunks,
     };
     (fake, memory)
@@ -241,6 +270,7 @@ async fn the_fake_registry_is_honest_when_not_lying() {
         let report =
             thaw_client::pull(&client, &reference, work.path(), &PullOptions::default()).await.unwrap();
         assert_eq!(report.files[0].from_recipe, thaw);
+        assert_eq!(report.files[0].verified_by_chain, thaw, "the manifest names the recipe served");
         assert!(std::fs::read(work.path().join("memory")).unwrap() == memory);
     }
 }
@@ -268,6 +298,27 @@ async fn a_truncated_blob_is_refused_after_retries() {
 async fn a_chunk_that_does_not_match_its_id_is_refused() {
     let err = pull_must_fail(Lie::ChunkMismatch, true, "does not match its id").await;
     assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipe_swapped_under_a_manifest_is_refused() {
+    // Every chunk matches its id, so only the recipe's digest (it is not the one the
+    // manifest names) and then the whole file's SHA-256 can tell.
+    let err = pull_must_fail(Lie::RecipeSwapped, true, "hashes to").await;
+    assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_naming_another_recipe_gets_the_whole_file_checked() {
+    let (fake, memory) = artifact(Lie::AnnotationNamesOther, true);
+    let host = start(fake).await;
+    let work = tempfile::tempdir().unwrap();
+    let reference = Reference::parse(&format!("{host}/fn/x:v1")).unwrap();
+    let client = client_for(&reference);
+    let report = thaw_client::pull(&client, &reference, work.path(), &PullOptions::default()).await.unwrap();
+    assert!(report.files[0].from_recipe);
+    assert!(!report.files[0].verified_by_chain, "the recipe served is not the one the manifest names");
+    assert!(std::fs::read(work.path().join("memory")).unwrap() == memory);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -387,6 +387,7 @@ fn manifest_of(snap: &Snapshot, config: &[u8]) -> Result<Vec<u8>> {
             title: (*title).to_owned(),
             digest: digest(data),
             size: data.len() as u64,
+            recipe: None,
         })
         .collect();
     let m = snapshot_manifest(digest(config), config.len() as u64, &files, HashMap::new())?;

@@ -23,6 +23,9 @@ pub struct SnapshotFile {
     pub digest: Sha256Digest,
     /// File size in bytes.
     pub size: u64,
+    /// The digest of its blob's recipe encoding, written as [`media::ANNOTATION_RECIPE`]:
+    /// set only when the registry holds exactly that recipe for the blob.
+    pub recipe: Option<Sha256Digest>,
 }
 
 /// Why a manifest could not be built or read.
@@ -60,7 +63,7 @@ pub fn snapshot_manifest(
                 .media_type(MediaType::Other(f.role.media_type().to_owned()))
                 .digest(digest(f.digest)?)
                 .size(f.size)
-                .annotations(HashMap::from([(media::ANNOTATION_TITLE.to_owned(), f.title.clone())]))
+                .annotations(layer_annotations(f))
                 .build()
                 .map_err(invalid)
         })
@@ -77,6 +80,24 @@ pub fn snapshot_manifest(
     builder.build().map_err(invalid)
 }
 
+/// The bytes of a manifest, every object's keys in sorted order. oci-spec keeps annotations
+/// in a `HashMap`, whose iteration order changes from one map to the next: serialized as is,
+/// a layer with two annotations (title and recipe) would give the same snapshot another
+/// manifest digest on each push.
+pub fn canonical_json(manifest: &ImageManifest) -> Vec<u8> {
+    // serde_json's `Value` keeps object keys in a BTreeMap (no `preserve_order` feature).
+    let value = serde_json::to_value(manifest).expect("a manifest is JSON");
+    serde_json::to_vec(&value).expect("JSON serializes")
+}
+
+fn layer_annotations(file: &SnapshotFile) -> HashMap<String, String> {
+    let mut annotations = HashMap::from([(media::ANNOTATION_TITLE.to_owned(), file.title.clone())]);
+    if let Some(recipe) = file.recipe {
+        annotations.insert(media::ANNOTATION_RECIPE.to_owned(), recipe.to_string());
+    }
+    annotations
+}
+
 /// A reference from a manifest to other content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {
@@ -86,6 +107,8 @@ pub struct Reference {
     pub size: u64,
     /// Declared media type.
     pub media_type: String,
+    /// The recipe digest its [`media::ANNOTATION_RECIPE`] annotation names, if it has one.
+    pub recipe: Option<Sha256Digest>,
 }
 
 /// What the registry needs to know about a pushed manifest.
@@ -119,7 +142,18 @@ fn reference(v: &Value) -> Result<Reference, ManifestError> {
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("descriptor without mediaType"))?
         .to_owned();
-    Ok(Reference { digest, size, media_type })
+    let recipe = match v.get("annotations").and_then(|a| a.get(media::ANNOTATION_RECIPE)) {
+        None => None,
+        Some(value) => {
+            Some(value.as_str().and_then(|s| s.parse::<Sha256Digest>().ok()).ok_or_else(|| {
+                invalid(format!(
+                    "annotation {} must be a sha256 digest, not {value}",
+                    media::ANNOTATION_RECIPE
+                ))
+            })?)
+        }
+    };
+    Ok(Reference { digest, size, media_type, recipe })
 }
 
 /// Reads the references of an OCI or Docker manifest or index. `content_type` is the
@@ -189,6 +223,7 @@ mod tests {
             title: "memory".into(),
             digest: Sha256Digest::of(b"m"),
             size: 1,
+            recipe: Some(Sha256Digest::of(b"recipe")),
         }];
         let m = snapshot_manifest(Sha256Digest::of(b"{}"), 2, &files, HashMap::new()).unwrap();
         let body = serde_json::to_vec(&m).unwrap();
@@ -196,9 +231,34 @@ mod tests {
         assert_eq!(s.artifact_type.as_deref(), Some(media::SNAPSHOT_ARTIFACT));
         assert_eq!(s.blobs.len(), 2);
         assert_eq!(s.blobs[1].digest, Sha256Digest::of(b"m"));
+        assert_eq!(s.blobs[1].recipe, Some(Sha256Digest::of(b"recipe")));
+        assert_eq!(s.blobs[0].recipe, None);
         assert!(s.subject.is_none());
         let text = String::from_utf8(body).unwrap();
         assert!(text.contains(media::ANNOTATION_TITLE));
+    }
+
+    #[test]
+    fn the_same_snapshot_always_gives_the_same_manifest_bytes() {
+        let files: Vec<SnapshotFile> = FileRole::ALL
+            .iter()
+            .map(|&role| SnapshotFile {
+                role,
+                title: role.key().to_owned(),
+                digest: Sha256Digest::of(role.key().as_bytes()),
+                size: 1,
+                recipe: Some(Sha256Digest::of(role.media_type().as_bytes())),
+            })
+            .collect();
+        let annotations: HashMap<String, String> =
+            (0..8).map(|i| (format!("dev.thaw.test.{i}"), i.to_string())).collect();
+        let first = canonical_json(
+            &snapshot_manifest(Sha256Digest::of(b"{}"), 2, &files, annotations.clone()).unwrap(),
+        );
+        for _ in 0..20 {
+            let again = snapshot_manifest(Sha256Digest::of(b"{}"), 2, &files, annotations.clone()).unwrap();
+            assert_eq!(canonical_json(&again), first);
+        }
     }
 
     #[test]
@@ -213,6 +273,9 @@ mod tests {
         let bad_digest =
             br#"{"schemaVersion":2,"config":{"mediaType":"a","digest":"sha256:xyz","size":1},"layers":[]}"#;
         assert!(summarize(bad_digest, None).is_err());
+        let bad_recipe = br#"{"schemaVersion":2,"config":{"mediaType":"a","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1},"layers":[{"mediaType":"b","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1,"annotations":{"dev.thaw.recipe":"md5:00"}}]}"#;
+        let err = summarize(bad_recipe, None).unwrap_err().to_string();
+        assert!(err.contains("dev.thaw.recipe must be a sha256 digest"), "{err}");
         let mismatch =
             br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
         assert!(summarize(mismatch, Some(media::OCI_MANIFEST)).is_err());

@@ -40,6 +40,12 @@ pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 /// Annotation that names a layer's file.
 pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 
+/// Annotation on a layer: the SHA-256 of its blob's recipe encoding
+/// ([`crate::Recipe::encoded_digest`]), `sha256:<hex>`. It binds the recipe to the manifest,
+/// so a client holding the manifest by digest verifies manifest → recipe → chunk ids →
+/// bytes and need not hash the whole file (docs/FORMAT.md, "The verified chunk chain").
+pub const ANNOTATION_RECIPE: &str = "dev.thaw.recipe";
+
 /// The four files of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FileRole {

@@ -91,6 +91,12 @@ impl Recipe {
         Ok(())
     }
 
+    /// SHA-256 of [`Self::encode`]: what a layer's [`crate::media::ANNOTATION_RECIPE`] names.
+    /// The encoding is canonical (one recipe, one byte string), so this identifies the recipe.
+    pub fn encoded_digest(&self) -> Sha256Digest {
+        Sha256Digest::of(&self.encode())
+    }
+
     /// Encodes to the binary form.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.entries.len() * 37 + TRAILER_LEN);

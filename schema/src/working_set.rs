@@ -204,6 +204,7 @@ mod tests {
             digest: Sha256Digest::of(b"snapshot manifest"),
             size: 1234,
             media_type: media::OCI_MANIFEST.into(),
+            recipe: None,
         };
         let body = working_set_manifest(&subject, Sha256Digest::of(b"ws"), 52).unwrap();
         let s = summarize(&body, None).unwrap();

@@ -89,6 +89,7 @@ fn main() {
             title: format!("{role:?}").to_lowercase(),
             digest: Sha256Digest::of(role.media_type().as_bytes()),
             size: 4096,
+            recipe: Some(Sha256Digest::of(format!("recipe of {role:?}").as_bytes())),
         })
         .collect();
     let m = snapshot_manifest(Sha256Digest::of(b"{}"), 2, &files, HashMap::new()).unwrap();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use thaw_client::blob::{self, BlobTarget, ChunkSource, LocalChunk};
 use thaw_client::manifest::{file_layers, FileLayer, ManifestDoc};
-use thaw_client::{FetchedManifest, Reference};
+use thaw_client::{FetchedManifest, LayerRecipe, Reference};
 use thaw_schema::cache_api::BytesBySource;
 use thaw_schema::{ChunkId, Recipe, RecipeEntry, Sha256Digest};
 
@@ -24,7 +24,13 @@ use crate::swarm::{Materializing, RegistryFetch, SwarmSource, GATHER, SWARM_REFR
 /// What one file of a snapshot being materialized needs.
 struct Planned {
     layer: FileLayer,
-    recipe: Option<Recipe>,
+    layer_recipe: Option<LayerRecipe>,
+}
+
+impl Planned {
+    fn recipe(&self) -> Option<&Recipe> {
+        self.layer_recipe.as_ref().map(|r| &r.recipe)
+    }
 }
 
 /// Pins and a reservation held by a materialization, undone on drop.
@@ -94,12 +100,12 @@ impl Cache {
         let thaw = self.registry.has_thaw().await?;
         let mut planned = Vec::new();
         for layer in layers {
-            let recipe = if thaw {
-                self.registry.recipe(reference.repository(), &layer.descriptor.digest).await?
+            let layer_recipe = if thaw {
+                self.registry.layer_recipe(reference.repository(), &layer.descriptor).await?
             } else {
                 None
             };
-            planned.push(Planned { layer, recipe });
+            planned.push(Planned { layer, layer_recipe });
         }
         match self.materialize_planned(reference, digest, &planned, true).await {
             Err(CacheError::Registry(thaw_client::Error::Integrity { what, why })) => {
@@ -124,12 +130,12 @@ impl Cache {
         let what = reference.to_string();
         // Chunks other cached snapshots hold, in snapshots pinned for the duration.
         let mut ids: Vec<ChunkId> =
-            planned.iter().filter_map(|p| p.recipe.as_ref()).flat_map(Recipe::distinct_chunks).collect();
+            planned.iter().filter_map(Planned::recipe).flat_map(Recipe::distinct_chunks).collect();
         ids.sort_unstable();
         ids.dedup();
         let estimate: u64 = planned
             .iter()
-            .map(|p| match &p.recipe {
+            .map(|p| match p.recipe() {
                 Some(r) => r
                     .entries
                     .iter()
@@ -160,7 +166,7 @@ impl Cache {
             let files: Vec<(Sha256Digest, &Recipe, PathBuf)> = planned
                 .iter()
                 .filter_map(|p| {
-                    let r = p.recipe.as_ref()?;
+                    let r = p.recipe()?;
                     Some((p.layer.descriptor.digest, r, work.join(&p.layer.title)))
                 })
                 .collect();
@@ -255,11 +261,51 @@ impl Cache {
         peers: Option<&Arc<SwarmSource>>,
         work: &Path,
     ) -> Result<(Vec<FileRecord>, Vec<(ChunkId, ChunkLocation)>, BytesBySource)> {
-        let mut files = Vec::new();
         let mut chunks: Vec<(ChunkId, ChunkLocation)> = Vec::new();
         let mut seen: HashSet<ChunkId> = HashSet::new();
         let mut bytes = BytesBySource::default();
+        // Where each file's chunks come from, worked out first; then every file is written
+        // at once (the memory file's decoding and writing no longer waits for the disk's).
+        let mut locals: Vec<HashMap<ChunkId, LocalChunk>> = Vec::new();
         for (i, p) in planned.iter().enumerate() {
+            let mut local = HashMap::new();
+            match p.recipe() {
+                Some(recipe) => {
+                    let file = u16::try_from(i)
+                        .map_err(|_| CacheError::BadRequest(format!("{reference} has too many files")))?;
+                    let mut fetched = HashSet::new();
+                    let mut offset = 0u64;
+                    for entry in &recipe.entries {
+                        if let RecipeEntry::Data { len, id } = entry {
+                            if let Some((loc, src)) = sources.get(id) {
+                                let chunk = LocalChunk {
+                                    path: Arc::new(src.clone()),
+                                    offset: loc.offset,
+                                    len: loc.len,
+                                };
+                                local.insert(*id, chunk);
+                                bytes.local += u64::from(*len);
+                            } else if fetched.insert(*id) {
+                                bytes.registry += u64::from(*len);
+                            } else {
+                                bytes.local += u64::from(*len);
+                            }
+                            if seen.insert(*id) {
+                                chunks
+                                    .push((*id, ChunkLocation { snapshot: digest, file, offset, len: *len }));
+                            }
+                        }
+                        offset += u64::from(entry.byte_len());
+                    }
+                }
+                None => bytes.registry += p.layer.descriptor.size,
+            }
+            locals.push(local);
+        }
+        if let Some(p) = peers {
+            p.take_delivered();
+        }
+        let writes = planned.iter().zip(locals).map(|(p, local)| async move {
             let d = &p.layer.descriptor;
             let path = work.join(&p.layer.title);
             let target = BlobTarget {
@@ -269,67 +315,35 @@ impl Cache {
                 path: &path,
             };
             let what = format!("file {:?} of {reference}", p.layer.title);
-            match &p.recipe {
-                Some(recipe) => {
-                    let mut local = HashMap::new();
-                    let mut fetched = HashSet::new();
-                    let mut offset = 0u64;
-                    for entry in &recipe.entries {
-                        if let RecipeEntry::Data { len, id } = entry {
-                            if let Some((_, src)) = sources.get(id) {
-                                let (loc, path) = (sources[id].0, src.clone());
-                                local.insert(
-                                    *id,
-                                    LocalChunk { path: Arc::new(path), offset: loc.offset, len: loc.len },
-                                );
-                                bytes.local += u64::from(*len);
-                            } else if fetched.insert(*id) {
-                                bytes.registry += u64::from(*len);
-                            } else {
-                                bytes.local += u64::from(*len);
-                            }
-                            if seen.insert(*id) {
-                                let file = u16::try_from(i).map_err(|_| {
-                                    CacheError::BadRequest(format!("{reference} has too many files"))
-                                })?;
-                                chunks
-                                    .push((*id, ChunkLocation { snapshot: digest, file, offset, len: *len }));
-                            }
-                        }
-                        offset += u64::from(entry.byte_len());
-                    }
-                    let source = peers.map(|p| {
-                        p.take_delivered();
-                        p.clone() as Arc<dyn ChunkSource>
-                    });
+            match &p.layer_recipe {
+                Some(layer_recipe) => {
+                    let source = peers.map(|p| p.clone() as Arc<dyn ChunkSource>);
                     blob::write_from_recipe_with(
                         &self.registry,
                         target,
-                        recipe.clone(),
+                        layer_recipe.clone(),
                         local,
                         source,
                         &what,
                     )
-                    .await?;
-                    // What the peers delivered did not come from the registry.
-                    let from_peers = peers.map_or(0, |p| p.take_delivered());
-                    bytes.peers += from_peers;
-                    bytes.registry = bytes.registry.saturating_sub(from_peers);
+                    .await?
                 }
-                None => {
-                    blob::download(&self.registry, target, &what).await?;
-                    bytes.registry += d.size;
-                }
+                None => blob::download(&self.registry, target, &what).await?,
             }
             let meta = std::fs::metadata(&path).map_err(|e| CacheError::io("reading", &path, e))?;
-            files.push(FileRecord {
+            Ok::<_, CacheError>(FileRecord {
                 title: p.layer.title.clone(),
                 role: d.role().map(|r| r.key().to_owned()),
                 digest: d.digest,
                 size: d.size,
                 mtime_ns: fsutil::mtime_ns(&meta),
-            });
-        }
+            })
+        });
+        let files = futures::future::try_join_all(writes).await?;
+        // What the peers delivered did not come from the registry.
+        let from_peers = peers.map_or(0, |p| p.take_delivered());
+        bytes.peers += from_peers;
+        bytes.registry = bytes.registry.saturating_sub(from_peers);
         Ok((files, chunks, bytes))
     }
 

@@ -107,6 +107,7 @@ pub(super) async fn put(
             Some(_) => {}
         }
     }
+    let warnings = check_recipe_annotations(state, &summary.blobs).await?;
     for child in &summary.manifests {
         if state.store.manifest_media_type(name, &child.digest).await?.is_none() {
             return Err(ApiError::new(
@@ -143,7 +144,45 @@ pub(super) async fn put(
     if let Some(subject) = &summary.subject {
         header(&mut response, "oci-subject", subject.digest.to_string());
     }
+    for warning in warnings {
+        // The distribution spec's warning form: code 299, agent "-", a quoted message.
+        let value = format!("299 - \"{}\"", warning.replace(['"', '\\'], "'"));
+        if let Ok(value) = value.parse() {
+            response.headers_mut().append("warning", value);
+        }
+    }
     Ok(response)
+}
+
+/// Checks each layer's `dev.thaw.recipe` annotation against the recipe this registry holds
+/// for its blob (every stored blob has one). A mismatch is accepted with a warning, not
+/// refused: a plain OCI tool that copies a thaw artifact here uploads whole blobs, which
+/// this registry cuts its own way, and refusing would break such mirrors. Nothing depends
+/// on a wrong annotation: a client uses the chain only when the recipe it fetched hashes
+/// to the annotation, and verifies the whole file otherwise (docs/FORMAT.md).
+async fn check_recipe_annotations(
+    state: &Arc<AppState>,
+    blobs: &[thaw_schema::manifest::Reference],
+) -> ApiResult<Vec<String>> {
+    let mut warnings = Vec::new();
+    let mut checked = std::collections::HashSet::new();
+    for blob in blobs {
+        let Some(named) = blob.recipe else { continue };
+        if !checked.insert((blob.digest, named)) {
+            continue;
+        }
+        let held = state.store.get_recipe(&blob.digest).await?.map(|r| r.encoded_digest());
+        if held != Some(named) {
+            tracing::warn!(blob = %blob.digest, %named, held = ?held, "a manifest's recipe annotation does not match the stored recipe");
+            warnings.push(format!(
+                "layer {}: annotation {} names recipe {named}, but this registry keeps the blob by {}; clients will verify the whole file",
+                blob.digest,
+                media::ANNOTATION_RECIPE,
+                held.map_or_else(|| "no recipe".to_owned(), |d| d.to_string()),
+            ));
+        }
+    }
+    Ok(warnings)
 }
 
 pub(super) async fn delete(state: &Arc<AppState>, name: &str, reference: &str) -> ApiResult<Response> {

@@ -121,7 +121,9 @@ async fn handle(state: &Arc<AppState>, route: Route, req: Request) -> ApiResult<
         (Route::ThawChunks { name }, M::POST) => thaw::upload_chunks(state, &name, req).await,
         (Route::ThawFetch { name }, M::POST) => thaw::fetch_chunks(state, &name, req).await,
         (Route::ThawCommit { name, digest }, M::PUT) => thaw::commit(state, &name, &digest, req).await,
-        (Route::ThawRecipe { name, digest }, M::GET) => thaw::recipe(state, &name, &digest).await,
+        (Route::ThawRecipe { name, digest }, M::GET | M::HEAD) => {
+            thaw::recipe(state, &name, &digest, req.method == M::HEAD).await
+        }
         (route, method) => {
             Err(ApiError::new(ErrorCode::Unsupported, format!("{method} is not supported on {route:?}"))
                 .with_status(StatusCode::METHOD_NOT_ALLOWED))

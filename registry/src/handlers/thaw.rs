@@ -277,7 +277,8 @@ pub(super) async fn commit(
     // digests are public in manifests and referrers.
     let stored = state.store.get_recipe(&digest).await?;
     let proven = stored.as_ref().is_some_and(|s| s.size == recipe.size && s.entries == recipe.entries);
-    if !proven {
+    // The recipe the blob is kept by from now on: the first one stored wins.
+    let held = if !proven {
         let ids = check_repetition(&recipe, state.limiter.limits().max_chunk_repeat)?;
         let recipe = Arc::new(recipe);
         verify_in_full(state, &recipe, ids, &digest, client).await?;
@@ -285,12 +286,20 @@ pub(super) async fn commit(
             state.store.put_recipe(&recipe).await?;
         }
         state.store.link_blob(name, &digest, stored.as_ref().map_or(recipe.size, |s| s.size)).await?;
+        stored.unwrap_or(recipe)
     } else {
         state.store.link_blob(name, &digest, recipe.size).await?;
-    }
+        stored.expect("a proven recipe is stored")
+    };
     tracing::info!(repository = %name, %digest, "blob committed from recipe");
-    Ok(super::blobs::blob_created(name, &digest))
+    let mut response = super::blobs::blob_created(name, &digest);
+    header(&mut response, RECIPE_DIGEST_HEADER, held.encoded_digest().to_string());
+    Ok(response)
 }
+
+/// Response header of a commit and of `GET`/`HEAD` of a recipe: the SHA-256 of the recipe
+/// the registry holds for the blob, what a manifest's `dev.thaw.recipe` annotation names.
+pub(super) const RECIPE_DIGEST_HEADER: &str = "thaw-recipe-digest";
 
 /// Refuses, before anything is read or hashed, a recipe whose verification would cost far
 /// more than any real blob's: a chunk declared with two lengths (a chunk has one), or data
@@ -381,14 +390,25 @@ async fn verify_in_full(
     Ok(())
 }
 
-pub(super) async fn recipe(state: &Arc<AppState>, name: &str, digest: &str) -> ApiResult<Response> {
+/// A blob's recipe (`GET`), or only its headers (`HEAD`: what a pusher asks to learn the
+/// recipe digest of a blob it did not commit itself).
+pub(super) async fn recipe(
+    state: &Arc<AppState>,
+    name: &str,
+    digest: &str,
+    head: bool,
+) -> ApiResult<Response> {
     let digest = parse_digest(digest)?;
     let unknown =
         || ApiError::new(ErrorCode::BlobUnknown, format!("blob {digest} is not in repository {name}"));
     state.store.blob_size(name, &digest).await?.ok_or_else(unknown)?;
     let bytes = state.store.get_recipe_bytes(&digest).await?.ok_or_else(unknown)?;
-    let mut response = (StatusCode::OK, bytes).into_response();
+    let (len, recipe_digest) = (bytes.len(), Sha256Digest::of(&bytes));
+    let mut response =
+        if head { StatusCode::OK.into_response() } else { (StatusCode::OK, bytes).into_response() };
     header(&mut response, "content-type", media::RECIPE);
+    header(&mut response, "content-length", len.to_string());
     header(&mut response, "docker-content-digest", digest.to_string());
+    header(&mut response, RECIPE_DIGEST_HEADER, recipe_digest.to_string());
     Ok(response)
 }
