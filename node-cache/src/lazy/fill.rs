@@ -6,8 +6,8 @@
 //! (`_thaw/chunks/fetch`, decoded and checked against their id); a chunk that fails its
 //! check is never handed out, only fetched again. A `Written` chunk read back for a fault is
 //! checked again: while a file is being filled, no byte reaches guest memory without its
-//! BLAKE3 id matching. A *complete* file (a cached snapshot, checked whole against its
-//! sha256 when it was recorded) is served as an eager restore serves it, straight from the
+//! BLAKE3 id matching. A *complete* file (a cached snapshot, verified when it was recorded:
+//! by the chunk chain or against its sha256, D30) is served as an eager restore serves it, straight from the
 //! file: [`MemoryFill::read_complete`], on the fault loop, with no task, chunk lookup or
 //! hash in between.
 //!
@@ -196,7 +196,7 @@ impl MemoryFill {
 
     /// For a complete file ([`Self::is_complete`]), reads `buf.len()` bytes at `offset`
     /// (zeros past the end of the file: the last unit reaches to a page boundary). `None`
-    /// while the file is being filled. The file was checked whole when it was recorded and
+    /// while the file is being filled. The file was verified when it was recorded and
     /// an eager restore hands the very same file to the VMM, so it is not checked again
     /// here: a fault on a cached snapshot costs a `pread` and a copy.
     pub(crate) fn read_complete(&self, offset: u64, buf: &mut [u8]) -> Option<std::io::Result<()>> {
