@@ -107,11 +107,15 @@ pub async fn pull(
 
     // Each file's recipe and local chunks first; then every file is written at once (the
     // memory file's chunks are decoded and written while the disk's are, on all cores).
+    let recipes = if thaw {
+        registry.layer_recipes(repository, layers.iter().map(|l| &l.descriptor)).await?
+    } else {
+        vec![None; layers.len()]
+    };
     let mut jobs: Vec<Job> = Vec::new();
-    for layer in layers {
+    for (layer, recipe) in layers.into_iter().zip(recipes) {
         let d = &layer.descriptor;
         let temp = TempFile::create(dest, &layer.title)?;
-        let recipe = if thaw { registry.layer_recipe(repository, d).await? } else { None };
         let check = recipe.as_ref().map_or(FileCheck::WholeFile, |r| r.check);
         let source = match recipe {
             Some(LayerRecipe { recipe, .. }) => {

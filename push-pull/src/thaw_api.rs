@@ -241,6 +241,16 @@ impl Registry {
         Ok(Some(LayerRecipe { recipe, check }))
     }
 
+    /// [`Self::layer_recipe`] of each layer, asked all at once.
+    pub async fn layer_recipes<'a>(
+        &self,
+        repository: &str,
+        layers: impl IntoIterator<Item = &'a Descriptor>,
+    ) -> Result<Vec<Option<LayerRecipe>>> {
+        futures::future::try_join_all(layers.into_iter().map(|layer| self.layer_recipe(repository, layer)))
+            .await
+    }
+
     /// The recipe of a blob, checked to be the blob's, with the SHA-256 of its encoding as
     /// received.
     async fn fetch_recipe(

@@ -178,16 +178,16 @@ impl Cache {
         }
         let doc = ManifestDoc::parse(&manifest)?;
         let what = reference.to_string();
-        let mut layers = Vec::new();
         let thaw = self.registry.has_thaw().await?;
-        for layer in file_layers(&doc, &what)? {
-            let recipe = if thaw {
-                self.registry.layer_recipe(reference.repository(), &layer.descriptor).await?
-            } else {
-                None
-            };
-            layers.push((layer, recipe));
-        }
+        let file_layers = file_layers(&doc, &what)?;
+        let recipes = if thaw {
+            self.registry
+                .layer_recipes(reference.repository(), file_layers.iter().map(|l| &l.descriptor))
+                .await?
+        } else {
+            vec![None; file_layers.len()]
+        };
+        let layers: Vec<(FileLayer, Option<LayerRecipe>)> = file_layers.into_iter().zip(recipes).collect();
         let memory_at =
             layers.iter().position(|(l, r)| l.descriptor.role() == Some(FileRole::Memory) && r.is_some());
         let Some(memory_at) = memory_at else {

@@ -98,15 +98,16 @@ impl Cache {
             return Err(CacheError::BadRequest(format!("{reference} has no files")));
         }
         let thaw = self.registry.has_thaw().await?;
-        let mut planned = Vec::new();
-        for layer in layers {
-            let layer_recipe = if thaw {
-                self.registry.layer_recipe(reference.repository(), &layer.descriptor).await?
-            } else {
-                None
-            };
-            planned.push(Planned { layer, layer_recipe });
-        }
+        let recipes = if thaw {
+            self.registry.layer_recipes(reference.repository(), layers.iter().map(|l| &l.descriptor)).await?
+        } else {
+            vec![None; layers.len()]
+        };
+        let planned: Vec<Planned> = layers
+            .into_iter()
+            .zip(recipes)
+            .map(|(layer, layer_recipe)| Planned { layer, layer_recipe })
+            .collect();
         match self.materialize_planned(reference, digest, &planned, true).await {
             Err(CacheError::Registry(thaw_client::Error::Integrity { what, why })) => {
                 // A local chunk did not match its id: find the damaged cached snapshots,
