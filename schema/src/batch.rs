@@ -44,11 +44,35 @@ impl BatchWriter {
     pub fn new() -> Self {
         Self { buf: BATCH_MAGIC.to_vec(), count: 0, raw_len: 0 }
     }
+    /// An empty batch with room for `bytes` of body, so that filling it does not move it.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes.max(BATCH_MAGIC.len()));
+        buf.extend_from_slice(BATCH_MAGIC);
+        Self { buf, count: 0, raw_len: 0 }
+    }
     /// Adds one chunk.
     pub fn push(&mut self, id: &ChunkId, chunk: &EncodedChunk) {
         encode_entry(&mut self.buf, id, chunk);
         self.count += 1;
         self.raw_len += u64::from(chunk.raw_len);
+    }
+    /// Adds the chunk `data` with id `id`, compressed at `level` straight into the batch (what
+    /// [`BatchWriter::push`] of [`EncodedChunk::compress`] adds, without the chunk's own
+    /// buffer); returns the payload's length.
+    pub fn push_compressing(&mut self, id: &ChunkId, data: &[u8], level: i32) -> usize {
+        let entry = self.buf.len();
+        self.buf.extend_from_slice(id.as_bytes());
+        self.buf.push(0); // codec, set below
+        self.buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&[0; 4]); // payload length, set below
+        let payload = self.buf.len();
+        let codec = crate::frame::compress_into(data, level, &mut self.buf);
+        let payload_len = self.buf.len() - payload;
+        self.buf[entry + 32] = codec as u8;
+        self.buf[payload - 4..payload].copy_from_slice(&(payload_len as u32).to_le_bytes());
+        self.count += 1;
+        self.raw_len += data.len() as u64;
+        payload_len
     }
     /// Sum of the uncompressed lengths of the chunks added (see [`MAX_BATCH_RAW_LEN`]).
     pub fn raw_len(&self) -> u64 {
@@ -101,6 +125,21 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<(ChunkId, EncodedChunk)>, FrameErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compressing_into_the_batch_writes_the_same_bytes() {
+        let text = b"thaw thaw thaw thaw thaw thaw thaw thaw".repeat(100);
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let (mut one, mut other) = (BatchWriter::new(), BatchWriter::with_capacity(1 << 16));
+        for d in [&text[..], &noise[..], b"x"] {
+            let id = ChunkId::of(d);
+            let chunk = EncodedChunk::compress(d, 1);
+            one.push(&id, &chunk);
+            assert_eq!(other.push_compressing(&id, d, 1), chunk.payload.len());
+        }
+        assert_eq!((other.count(), other.raw_len(), other.len()), (one.count(), one.raw_len(), one.len()));
+        assert_eq!(other.finish(), one.finish());
+    }
 
     #[test]
     fn batch_round_trip_and_truncation() {

@@ -79,6 +79,49 @@ fn compress_reusing_context(data: &[u8], level: i32) -> Option<Vec<u8>> {
     })
 }
 
+/// Appends zstd of `data` at `level` to `out`, in this thread's reused context, straight into
+/// `out`'s spare room (no buffer of its own); returns the bytes appended, `None` (and `out` as
+/// it was) if zstd failed.
+fn compress_appending(data: &[u8], level: i32, out: &mut Vec<u8>) -> Option<usize> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(made_for, _)| *made_for != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, compressor) = slot.as_mut().expect("set above");
+        let start = out.len();
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        // A cursor at the end of the initialized bytes: zstd writes into the spare capacity.
+        let mut cursor = std::io::Cursor::new(std::mem::take(out));
+        cursor.set_position(start as u64);
+        let written = compressor.compress_to_buffer(data, &mut cursor);
+        *out = cursor.into_inner();
+        match written {
+            Ok(n) => Some(n),
+            Err(_) => {
+                out.truncate(start);
+                None
+            }
+        }
+    })
+}
+
+/// Appends the payload of `data`'s frame to `out`, as [`EncodedChunk::compress`] would make
+/// it (zstd at `level`, or the bytes as they are when zstd does not shrink them), without an
+/// allocation per chunk; returns its codec.
+pub fn compress_into(data: &[u8], level: i32, out: &mut Vec<u8>) -> Codec {
+    assert!(!data.is_empty() && data.len() <= MAX_CHUNK_LEN as usize, "chunk length out of range");
+    let start = out.len();
+    match compress_appending(data, level, out) {
+        Some(n) if n < data.len() => Codec::Zstd,
+        _ => {
+            out.truncate(start);
+            out.extend_from_slice(data);
+            Codec::Raw
+        }
+    }
+}
+
 /// zstd decompression of `payload` into at most `capacity` bytes, in this thread's reused
 /// context.
 fn decompress_reusing_context(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
@@ -190,6 +233,20 @@ mod tests {
         let r = EncodedChunk::compress(&noise, 1);
         let back = EncodedChunk::from_frame(&r.to_frame()).unwrap();
         assert_eq!(back.decode(&ChunkId::of(&noise)).unwrap(), noise);
+    }
+
+    #[test]
+    fn compress_into_appends_what_compress_makes() {
+        let text = b"thaw thaw thaw thaw thaw thaw thaw thaw".repeat(100);
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut out = b"before".to_vec();
+        for data in [&text[..], &noise[..], &text[..]] {
+            let start = out.len();
+            let codec = compress_into(data, 1, &mut out);
+            let whole = EncodedChunk::compress(data, 1);
+            assert_eq!((codec, &out[start..]), (whole.codec, &whole.payload[..]));
+        }
+        assert!(out.starts_with(b"before"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod cluster;
 mod fault_trace;
 #[path = "../../../../node-cache/tests/support/firecracker_stand_in.rs"]
 mod firecracker_stand_in;
+mod ingest;
 mod lazy;
 mod lazy_report;
 mod link;
@@ -47,6 +48,7 @@ use systems::{Kind, Oras, Sample, System, Thaw, S3};
 
 const USAGE: &str =
     "usage: bench [--quick] [--corpus DIR] [--reps N] [--out FILE] [--work DIR] [--link-mbit N]
+             [--nodes N] [--ingest-only]
 
   --quick        CI scale: the corpus target/corpus-quick, 1 repetition, report in
                  target/bench-quick/BENCHMARKS.md unless --out is given
@@ -59,7 +61,9 @@ const USAGE: &str =
                  namespace, a veth pair and tc tbf on both ends; needs root and iproute2);
                  the node caches of the node-side scenarios run behind it too
   --nodes N      node caches in the P2P scenario, one warm and N-1 cold (default 4,
-                 --quick 2)";
+                 --quick 2)
+  --ingest-only  only the ingest section (chunk + hash + compress, and its ratio to zstd
+                 alone), printed to standard output; no servers, no report file";
 
 /// Scenario names, in report order.
 pub(crate) const PUSH_BASE: &str = "push the corpus";
@@ -74,16 +78,19 @@ pub(crate) struct Args {
     pub(crate) work: PathBuf,
     pub(crate) link_mbit: Option<u32>,
     pub(crate) nodes: usize,
+    pub(crate) ingest_only: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut quick = false;
     let (mut corpus, mut reps, mut out, mut work, mut link_mbit) = (None, None, None, None, None);
     let mut nodes = None;
+    let mut ingest_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--ingest-only" => ingest_only = true,
             "--corpus" => corpus = Some(PathBuf::from(it.next().ok_or("--corpus needs a directory")?)),
             "--out" => out = Some(PathBuf::from(it.next().ok_or("--out needs a file")?)),
             "--work" => work = Some(PathBuf::from(it.next().ok_or("--work needs a directory")?)),
@@ -125,6 +132,7 @@ fn parse_args() -> Result<Args, String> {
         work: work.unwrap_or_else(|| PathBuf::from("target/bench-work")),
         link_mbit,
         nodes: nodes.unwrap_or(if quick { 2 } else { 4 }),
+        ingest_only,
     })
 }
 
@@ -340,6 +348,15 @@ pub(crate) fn mib(b: u64) -> f64 {
 }
 
 fn run(args: &Args) -> Result<()> {
+    if args.ingest_only {
+        let plan = plan(&args.corpus)?;
+        eprintln!("bench: ingest throughput of {}", plan.new.label());
+        let ingest = ingest::measure_ingest(&plan.new, args.reps)?;
+        let mut md = String::new();
+        ingest::write_section(&mut md, &plan.new.label(), args.reps, &ingest);
+        print!("{md}");
+        return Ok(());
+    }
     let started = Instant::now();
     let load_before = report::load_average();
     let tools = find_tools()?;
@@ -459,7 +476,7 @@ fn run(args: &Args) -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
 
     eprintln!("bench: ingest throughput of {}", plan.new.label());
-    let ingest = report::measure_ingest(&plan.new, args.reps)?;
+    let ingest = ingest::measure_ingest(&plan.new, args.reps)?;
     let env = report::Environment::gather(&tools, args, load_before);
     report::write(args, &plan, &measured, &ingest, &env, started.elapsed().as_secs_f64())?;
     eprintln!("bench: wrote {} in {:.0} s", args.out.display(), started.elapsed().as_secs_f64());

@@ -1,155 +1,16 @@
-//! Ingest throughput, the environment, and the Markdown report with its plots.
+//! The environment, and the Markdown report with its plots.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write as _};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use thaw_client::ingest::ingest_file;
-use thaw_client::tuning::{chunker_for, ZSTD_LEVEL};
 use thaw_integration::corpus::Snapshot;
-use thaw_schema::media::FileRole;
-use thaw_schema::{ChunkerKind, ChunkerParams};
 
 use crate::plot::{self, Series, COLORS};
 use crate::systems::{snapshot_files, Kind, Sample};
 use crate::{mib, version_of, Args, Measured, Plan, Tools, PULL_EMPTY, PULL_SEEDED, PUSH_BASE, PUSH_NEW};
-
-// ---------------------------------------------------------------------------------------
-// Ingest
-// ---------------------------------------------------------------------------------------
-
-/// Ingest runs are cheap (about a second): at least this many, whatever `--reps` says.
-pub(crate) const INGEST_MIN_REPS: usize = 3;
-
-/// Ingest of one file: median over the repetitions.
-pub(crate) struct IngestRow {
-    pub(crate) name: String,
-    pub(crate) chunker: String,
-    pub(crate) size: u64,
-    pub(crate) nonzero: u64,
-    pub(crate) compressed: u64,
-    pub(crate) cpu_secs: f64,
-    pub(crate) wall_secs: f64,
-}
-
-fn role_of(name: &str) -> Option<FileRole> {
-    match name {
-        "memory" => Some(FileRole::Memory),
-        "vmstate" => Some(FileRole::Vmstate),
-        "disk.ext4" | "disk" => Some(FileRole::Disk),
-        "info.json" | "info" => Some(FileRole::Info),
-        _ => None,
-    }
-}
-
-/// CPU seconds this process has used (user + system, `/proc/self/stat`, 100 Hz ticks).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
-    ticks / 100.0
-}
-
-/// Bytes in non-zero 4 KiB pages.
-fn nonzero_bytes(path: &Path) -> Result<u64> {
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(total);
-        }
-        total +=
-            buf[..n].chunks(4096).filter(|p| p.iter().any(|&b| b != 0)).map(|p| p.len() as u64).sum::<u64>();
-    }
-}
-
-/// Cuts, hashes and compresses every file of `snap` exactly as `thaw push` does
-/// (`thaw_client::ingest`, on all cores), `reps` times, timing CPU and wall clock. The memory
-/// file is measured a second time with only its non-zero pages, packed into one file: the
-/// rate issue #3 sets its target on, without the cost of scanning (and SHA-256-ing) zeros.
-pub(crate) fn measure_ingest(snap: &Snapshot, reps: usize) -> Result<Vec<IngestRow>> {
-    let reps = reps.max(INGEST_MIN_REPS);
-    let mut rows = Vec::new();
-    for name in snapshot_files(&snap.dir)? {
-        let path = snap.dir.join(&name);
-        let params = chunker_for(role_of(&name));
-        rows.push(ingest_row(name.clone(), &path, params, reps)?);
-        if role_of(&name) == Some(FileRole::Memory) {
-            let packed = tempfile::NamedTempFile::new().context("creating a file for the packed pages")?;
-            pack_nonzero_pages(&path, packed.path())?;
-            rows.push(ingest_row(format!("{name}, non-zero pages packed"), packed.path(), params, reps)?);
-        }
-    }
-    Ok(rows)
-}
-
-fn ingest_row(name: String, path: &Path, params: ChunkerParams, reps: usize) -> Result<IngestRow> {
-    let nonzero = nonzero_bytes(path)?; // also warms the page cache
-    let mut runs = Vec::new();
-    let mut last = None;
-    for _ in 0..reps {
-        let (cpu, wall) = (cpu_seconds(), Instant::now());
-        let r =
-            ingest_file(path, params, ZSTD_LEVEL).with_context(|| format!("ingesting {}", path.display()))?;
-        runs.push((cpu_seconds() - cpu, wall.elapsed().as_secs_f64()));
-        last = Some(r);
-    }
-    let r = last.expect("one run at least");
-    let mut cpu: Vec<f64> = runs.iter().map(|r| r.0).collect();
-    let mut wall: Vec<f64> = runs.iter().map(|r| r.1).collect();
-    Ok(IngestRow {
-        name,
-        chunker: match params.kind {
-            ChunkerKind::Fixed => format!("fixed {} KiB", params.avg / 1024),
-            _ => format!("FastCDC {}/{}/{} KiB", params.min / 1024, params.avg / 1024, params.max / 1024),
-        },
-        size: r.size,
-        nonzero,
-        compressed: r.compressed_bytes,
-        cpu_secs: median(&mut cpu),
-        wall_secs: median(&mut wall),
-    })
-}
-
-/// Writes the non-zero 4 KiB pages of `from`, in order, to `to`.
-fn pack_nonzero_pages(from: &Path, to: &Path) -> Result<()> {
-    let mut input = std::io::BufReader::new(
-        std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?,
-    );
-    let mut output = std::io::BufWriter::new(
-        std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?,
-    );
-    let mut page = vec![0u8; 4096];
-    loop {
-        let n = read_full(&mut input, &mut page)?;
-        if n == 0 {
-            break;
-        }
-        if page[..n].iter().any(|&b| b != 0) {
-            output.write_all(&page[..n])?;
-        }
-    }
-    output.flush()?;
-    Ok(())
-}
-
-/// Reads until `buf` is full or the input ends; returns the bytes read.
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
-}
 
 // ---------------------------------------------------------------------------------------
 // Environment
@@ -306,7 +167,7 @@ pub(crate) fn write(
     args: &Args,
     plan: &Plan,
     measured: &Measured,
-    ingest: &[IngestRow],
+    ingest: &crate::ingest::Ingest,
     env: &Environment,
     total_secs: f64,
 ) -> Result<()> {
@@ -358,7 +219,7 @@ pub(crate) fn write(
         for n in &names {
             let p = s.dir.join(n);
             size += std::fs::metadata(&p)?.len();
-            nz += nonzero_bytes(&p)?;
+            nz += crate::ingest::nonzero_bytes(&p)?;
         }
         corpus_bytes += size;
         let _ = writeln!(md, "| {} | {} | {:.1} | {:.1} |", s.label(), names.join(", "), mib(size), mib(nz));
@@ -525,44 +386,7 @@ pub(crate) fn write(
     }
 
     // Ingest.
-    let _ = writeln!(md, "### 5. Ingest throughput per core (chunk + hash + compress)\n");
-    let _ = writeln!(
-        md,
-        "`thaw_client::ingest::ingest_file` on each file of {} with the chunker `thaw push` \
-         uses for it and zstd level {ZSTD_LEVEL}, on all cores: cut, BLAKE3 and SHA-256, then \
-         zstd of each distinct non-zero chunk, nothing sent. Per-core rate = bytes ÷ CPU time \
-         of the process (user + system), median of {} run(s). *non-zero* counts the file's \
-         non-zero 4 KiB pages (zero chunks cost only a scan). The *non-zero pages packed* row \
-         ingests the memory file's non-zero pages written one after another into a file of \
-         their own: the rate on non-zero pages that issue #3's 400 MiB/s per core is about. \
-         The baselines do no such work (they hash whole files), so this row has no \
-         comparison.\n",
-        plan.new.label(),
-        args.reps.max(INGEST_MIN_REPS)
-    );
-    let _ = writeln!(
-        md,
-        "| file | chunker | MiB | non-zero MiB | compressed MiB | CPU s | wall s | MiB / CPU-s | non-zero MiB / CPU-s |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for r in ingest {
-        let per =
-            |b: u64| if r.cpu_secs > 0.0 { format!("{:.0}", mib(b) / r.cpu_secs) } else { "–".into() };
-        let _ = writeln!(
-            md,
-            "| {} | `{}` | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {} |",
-            r.name,
-            r.chunker,
-            mib(r.size),
-            mib(r.nonzero),
-            mib(r.compressed),
-            r.cpu_secs,
-            r.wall_secs,
-            per(r.size),
-            per(r.nonzero)
-        );
-    }
-    let _ = writeln!(md, "\nCPU time is counted in 10 ms ticks, so rows under ~0.1 CPU-s are coarse.\n");
+    crate::ingest::write_section(&mut md, &plan.new.label(), args.reps, ingest);
     let out_dir = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let plot_dir = out_dir.join("benchmarks");
     std::fs::create_dir_all(&plot_dir)?;
