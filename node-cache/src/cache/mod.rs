@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! index.redb                 the index (see `index.rs`)
+//! leases.log[.old]           leases not yet copied into the index (see `lease_log.rs`)
 //! snapshots/<hex>/<title>    complete, verified snapshots; a directory here that the index
 //!                            does not list is an orphan and is removed at start
 //! work/                      materializations in progress and directories being deleted;
@@ -39,7 +40,8 @@ use tokio::sync::Notify;
 
 use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
-use crate::index::{Index, LeaseRecord, RefRecord, SnapshotRecord};
+use crate::index::{Index, LeaseRecord, RefRecord, SnapshotRecord, VolatileBatch};
+use crate::lease_log::LeaseLog;
 use crate::metrics::Metrics;
 use crate::peer::{PeerBook, PeerOptions};
 
@@ -160,6 +162,8 @@ pub struct Cache {
     config: CacheConfig,
     dirs: Dirs,
     index: Arc<Index>,
+    /// Leases taken or renewed since the flusher last copied them into the index.
+    lease_log: Arc<LeaseLog>,
     registry: Arc<Registry>,
     state: Mutex<State>,
     /// One lock per snapshot digest: held while it is materialized or evicted, so
@@ -234,6 +238,12 @@ impl Cache {
         }
         let index = Index::open(&root.join("index.redb"))?;
         let loaded = index.load()?;
+        // The index's leases, then the log's (a later line for a lease wins).
+        let (lease_log, logged) = LeaseLog::open(root)?;
+        let mut leases: HashMap<String, LeaseRecord> = HashMap::new();
+        for (id, record) in loaded.leases.into_iter().chain(logged) {
+            leases.insert(id, record);
+        }
         let mut state = State::default();
         for mut record in loaded.snapshots {
             let dir = dirs.snapshots.join(record.digest.hex());
@@ -260,7 +270,7 @@ impl Cache {
                 fsutil::remove_all(&entry.path());
             }
         }
-        for (id, mut record) in loaded.leases {
+        for (id, mut record) in leases {
             if record.expires_ms == 0 {
                 // Written before leases had a TTL: one full TTL from now.
                 record.expires_ms = now_ms() + config.lease_ttl.as_millis() as u64;
@@ -278,10 +288,18 @@ impl Cache {
             }
         }
         state.refs = loaded.refs.into_iter().collect();
+        // The logged leases go into the index, and the log starts empty.
+        let batch = VolatileBatch {
+            leases_put: state.leases.iter().map(|(id, l)| (id.clone(), l.record.clone())).collect(),
+            ..Default::default()
+        };
+        index.write_volatile(&batch)?;
+        lease_log.reset()?;
         let registry = Arc::new(Registry::new(&config.registry, &config.client, Arc::new(Stats::new()))?);
         let cache = Arc::new(Self {
             dirs,
             index: Arc::new(index),
+            lease_log: Arc::new(lease_log),
             registry,
             state: Mutex::new(state),
             flights: Mutex::default(),
@@ -439,7 +457,7 @@ impl Cache {
     }
 
     /// If the snapshot is cached and intact, takes a lease and answers. The filesystem work
-    /// of a hit (the files' sizes and times, the lease's durable record, the spare disk copy
+    /// of a hit (the files' sizes and times, the lease's log line, the spare disk copy
     /// moved into the lease) is one trip to the blocking pool; only a hit without a spare
     /// copies the disk image, in a second one.
     async fn try_hit(
@@ -470,7 +488,7 @@ impl Cache {
         let mut spare = spare;
         let prepared = loop {
             let job = HitJob {
-                index: self.index.clone(),
+                lease_log: self.lease_log.clone(),
                 dir: dir.clone(),
                 record: record.clone(),
                 check_files,
@@ -494,10 +512,6 @@ impl Cache {
                     }
                     check_files = false;
                 }
-                Ok(HitPrep::Gone(unused)) => {
-                    self.return_spare(digest, unused);
-                    return Ok(None);
-                }
                 Ok(leased @ HitPrep::Leased { .. }) => break leased,
                 Err(e) => {
                     // The job gave the spare back only on success paths: it may be spent.
@@ -513,9 +527,11 @@ impl Cache {
         let lease_expires_ms = {
             let mut st = self.state.lock().expect("state lock");
             let Some(rec) = st.snapshots.get_mut(&digest) else {
-                // Evicted meanwhile: the record written above is removed with the next flush.
+                // Evicted meanwhile: the logged lease is dropped with its snapshot (the flush
+                // and a start write no lease of a snapshot the index does not hold).
                 st.dirty_leases.insert(lease_id.clone());
                 drop(st);
+                self.lease_log.confirm(&lease_id);
                 self.dirty.notify_one();
                 let lease_dir = self.dirs.leases.join(&lease_id);
                 tokio::task::spawn_blocking(move || fsutil::remove_all(&lease_dir));
@@ -531,6 +547,7 @@ impl Cache {
             st.dirty_snapshots.insert(digest);
             expires_ms
         };
+        self.lease_log.confirm(&lease_id);
         self.dirty.notify_one();
         let mut files = BTreeMap::new();
         for f in &record.files {
@@ -594,10 +611,10 @@ impl Cache {
 
 /// What a hit does off the async threads, in order: checks that the snapshot's files have
 /// the size and modification time they were committed with (unless `check_files` is off,
-/// after a verification), writes the lease durably, and moves the spare disk copy (if any)
+/// after a verification), appends the lease to the lease log, and moves the spare disk copy (if any)
 /// into the lease's directory.
 struct HitJob {
-    index: Arc<Index>,
+    lease_log: Arc<LeaseLog>,
     dir: PathBuf,
     record: SnapshotRecord,
     check_files: bool,
@@ -612,9 +629,7 @@ struct HitJob {
 enum HitPrep {
     /// A file's size or time changed: nothing written; the spare is handed back.
     Touched(Option<Spare>),
-    /// The snapshot's record is gone from the index: nothing written; the spare is handed back.
-    Gone(Option<Spare>),
-    /// The lease is durable. `disk_copy`: the spare, now the lease's disk copy, and its
+    /// The lease is in the log. `disk_copy`: the spare, now the lease's disk copy, and its
     /// allocated bytes; `None` when there was no spare (or it could not be moved), and then
     /// `disk_source_allocated` is what a copy will take.
     Leased { disk_copy: Option<(PathBuf, u64)>, disk_source_allocated: u64 },
@@ -631,16 +646,12 @@ impl HitJob {
                 return Ok(HitPrep::Touched(self.spare));
             }
         }
-        // Durable before it is handed out: a crash after the answer must not lose it.
-        match self.index.put_lease(&self.lease_id, &self.lease) {
-            Ok(true) => {}
-            Ok(false) => return Ok(HitPrep::Gone(self.spare)),
-            Err(e) => {
-                if let Some(s) = &self.spare {
-                    fsutil::remove_all(&s.path);
-                }
-                return Err(e);
+        // In the lease log before it is handed out: a kill after the answer must not lose it.
+        if let Err(e) = self.lease_log.append(&self.lease_id, &self.lease) {
+            if let Some(s) = &self.spare {
+                fsutil::remove_all(&s.path);
             }
+            return Err(e);
         }
         let Some(title) = self.disk_title else {
             if let Some(s) = &self.spare {
