@@ -54,7 +54,11 @@ async fn ensure(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response
 
 async fn release(State(cache): State<Arc<Cache>>, body: Bytes) -> Result<Response> {
     let req: ReleaseRequest = parse(&body)?;
-    let id = cache.release(req.lease.as_deref(), req.reference.as_deref())?;
+    // Ending a lease deletes its disk copy: filesystem work, kept off the async threads.
+    let id =
+        tokio::task::spawn_blocking(move || cache.release(req.lease.as_deref(), req.reference.as_deref()))
+            .await
+            .map_err(|source| CacheError::Task { what: "release", source })??;
     Ok(Json(serde_json::json!({ "released": id })).into_response())
 }
 

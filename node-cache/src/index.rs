@@ -9,7 +9,7 @@
 //! | `snapshots` | manifest digest `sha256:…` | JSON [`SnapshotRecord`] |
 //! | `snapshot_chunks` | manifest digest | the snapshot's chunk locations, [`LOCATION_LEN`] bytes each: chunk id (32), file index (u16 LE), offset (u64 LE), length (u32 LE) |
 //! | `chunks` (multimap) | chunk id (32 bytes) | manifest digest (32 raw bytes), file index (u16 LE), offset (u64 LE), length (u32 LE) |
-//! | `leases` | lease id | JSON [`LeaseRecord`] |
+//! | `leases` | lease id | JSON [`LeaseRecord`], copied from the lease log (`lease_log.rs`) by the flusher |
 //! | `refs` | reference as resolved | JSON [`RefRecord`] |
 //!
 //! A snapshot's record and its chunk locations are written in one transaction, after its
@@ -284,26 +284,10 @@ impl Index {
         Ok(n)
     }
 
-    /// Records a lease durably (redb commits with `Durability::Immediate`: fsync'd), before
-    /// `ensure` or `renew` answers. Answers false, writing nothing, when the snapshot's record
-    /// is gone (an eviction won the race): the caller then has no lease to hand out.
-    pub(crate) fn put_lease(&self, id: &str, lease: &LeaseRecord) -> Result<bool> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let snaps = tx.open_table(SNAPSHOTS).map_err(db_err)?;
-            if snaps.get(lease.digest.to_string().as_str()).map_err(db_err)?.is_none() {
-                return Ok(false);
-            }
-            let json = serde_json::to_vec(lease).expect("serializes");
-            tx.open_table(LEASES).map_err(db_err)?.insert(id, json.as_slice()).map_err(db_err)?;
-        }
-        tx.commit().map_err(db_err)?;
-        Ok(true)
-    }
-
-    /// Writes what changes often (last use, ended leases, tag resolutions) in one
-    /// transaction. Leases themselves are written by [`Index::put_lease`], before they are
-    /// handed out.
+    /// Writes what changes often (last use, leases taken and ended, tag resolutions) in one
+    /// durable transaction. Leases are in the lease log (`lease_log.rs`) before they are
+    /// handed out; this copies them here so the log can be dropped. A lease whose snapshot
+    /// record is gone is not written.
     pub(crate) fn write_volatile(&self, batch: &VolatileBatch) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
@@ -317,6 +301,12 @@ impl Index {
                 }
             }
             let mut leases = tx.open_table(LEASES).map_err(db_err)?;
+            for (id, lease) in &batch.leases_put {
+                if snaps.get(lease.digest.to_string().as_str()).map_err(db_err)?.is_some() {
+                    let json = serde_json::to_vec(lease).expect("serializes");
+                    leases.insert(id.as_str(), json.as_slice()).map_err(db_err)?;
+                }
+            }
             for id in &batch.leases_removed {
                 leases.remove(id.as_str()).map_err(db_err)?;
             }
@@ -334,13 +324,17 @@ impl Index {
 #[derive(Debug, Default)]
 pub(crate) struct VolatileBatch {
     pub(crate) snapshots: Vec<SnapshotRecord>,
+    pub(crate) leases_put: Vec<(String, LeaseRecord)>,
     pub(crate) leases_removed: Vec<String>,
     pub(crate) refs: Vec<(String, RefRecord)>,
 }
 
 impl VolatileBatch {
     pub(crate) fn is_empty(&self) -> bool {
-        self.snapshots.is_empty() && self.leases_removed.is_empty() && self.refs.is_empty()
+        self.snapshots.is_empty()
+            && self.leases_put.is_empty()
+            && self.leases_removed.is_empty()
+            && self.refs.is_empty()
     }
 }
 
@@ -395,18 +389,26 @@ mod tests {
         let lease = LeaseRecord { digest: a, reference: "r/fn:v1".into(), created_ms: 5, expires_ms: 9 };
         let batch = VolatileBatch { snapshots: vec![record(a)], ..Default::default() };
         index.write_volatile(&batch).unwrap();
-        assert!(!index.put_lease("l1", &lease).unwrap(), "no lease on a snapshot that is gone");
+        let put = |id: &str, lease: &LeaseRecord| {
+            let batch =
+                VolatileBatch { leases_put: vec![(id.to_owned(), lease.clone())], ..Default::default() };
+            index.write_volatile(&batch).unwrap();
+        };
+        put("l1", &lease);
         let loaded = index.load().unwrap();
-        assert!(loaded.snapshots.is_empty() && loaded.leases.is_empty());
+        assert!(
+            loaded.snapshots.is_empty() && loaded.leases.is_empty(),
+            "no lease on a snapshot that is gone"
+        );
 
         index.insert_snapshot(&record(a), &[]).unwrap();
-        assert!(index.put_lease("l1", &lease).unwrap());
+        put("l1", &lease);
         assert_eq!(index.load().unwrap().leases, vec![("l1".to_string(), lease)]);
         index
             .write_volatile(&VolatileBatch { leases_removed: vec!["l1".into()], ..Default::default() })
             .unwrap();
         assert!(index.load().unwrap().leases.is_empty(), "an ended lease is removed");
-        index.put_lease("l1", &LeaseRecord { created_ms: 6, ..lease_of(a) }).unwrap();
+        put("l1", &LeaseRecord { created_ms: 6, ..lease_of(a) });
         index.remove_snapshot(&a).unwrap();
         assert!(index.load().unwrap().leases.is_empty(), "a snapshot's leases go with it");
     }

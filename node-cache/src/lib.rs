@@ -21,6 +21,7 @@ pub mod holdings;
 mod index;
 pub mod kube_publisher;
 mod lazy;
+mod lease_log;
 mod metrics;
 pub mod peer;
 mod swarm;

@@ -471,6 +471,7 @@ impl Cache {
         let recorded = !first && self.state.lock().expect("state lock").snapshots.contains_key(&digest);
         if recorded {
             let _ = self.persist_lease(&lease_id, &record).await;
+            self.lease_log.confirm(&lease_id);
         }
         self.update_gauges();
         Ok(EnsureResponse {
@@ -620,6 +621,7 @@ impl Cache {
             if let Err(e) = self.persist_lease(&id, &lease).await {
                 tracing::warn!(lease = %id, error = %e, "could not write a lazy restore's lease");
             }
+            self.lease_log.confirm(&id);
         }
         tracing::info!(reference = %p.reference, digest = %p.digest, "lazily restored snapshot complete and recorded");
         Ok(())

@@ -1,5 +1,5 @@
 //! Leases: a snapshot in use is leased by `ensure` until released, renewed or expired;
-//! every lease is durable in the index before it is handed out.
+//! every lease is in the lease log (`lease_log.rs`) before it is handed out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,11 +51,14 @@ impl Cache {
             return Err(gone());
         }
         let mut st = self.state.lock().expect("state lock");
-        match st.leases.get_mut(id) {
-            Some(l) => {
-                l.record.expires_ms = l.record.expires_ms.max(record.expires_ms);
-                Ok(l.record.expires_ms)
-            }
+        let renewed = st.leases.get_mut(id).map(|l| {
+            l.record.expires_ms = l.record.expires_ms.max(record.expires_ms);
+            l.record.expires_ms
+        });
+        // After the state holds the new expiry: a flush in between copies the logged one.
+        self.lease_log.confirm(id);
+        match renewed {
+            Some(expires_ms) => Ok(expires_ms),
             None => {
                 // Released while the record was written: remove it again.
                 st.dirty_leases.insert(id.to_owned());
@@ -66,12 +69,19 @@ impl Cache {
         }
     }
 
-    /// Writes a lease record to the index (fsync'd), off the async threads.
+    /// Appends a lease to the lease log, off the async threads, before `ensure` or `renew`
+    /// answers; the caller confirms it to the log once the state holds it. Answers false, writing nothing, when the snapshot is no longer cached (an
+    /// eviction won the race): the caller then has no lease to hand out.
     pub(super) async fn persist_lease(&self, id: &str, lease: &LeaseRecord) -> Result<bool> {
-        let (index, id, lease) = (self.index.clone(), id.to_owned(), lease.clone());
-        tokio::task::spawn_blocking(move || index.put_lease(&id, &lease))
+        if !self.state.lock().expect("state lock").snapshots.contains_key(&lease.digest) {
+            return Ok(false);
+        }
+        let (log, id, lease) = (self.lease_log.clone(), id.to_owned(), lease.clone());
+        tokio::task::spawn_blocking(move || log.append(&id, &lease))
             .await
-            .map_err(|source| CacheError::Task { what: "lease write", source })?
+            .map_err(|source| CacheError::Task { what: "lease write", source })??;
+        self.dirty.notify_one();
+        Ok(true)
     }
 
     /// Ends the leases whose time is up; answers how many.

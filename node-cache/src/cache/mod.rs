@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! index.redb                 the index (see `index.rs`)
+//! leases.log[.old]           leases not yet copied into the index (see `lease_log.rs`)
 //! snapshots/<hex>/<title>    complete, verified snapshots; a directory here that the index
 //!                            does not list is an orphan and is removed at start
 //! work/                      materializations in progress and directories being deleted;
@@ -39,7 +40,8 @@ use tokio::sync::Notify;
 
 use crate::error::{CacheError, Result};
 use crate::fsutil::{self, allocated_bytes};
-use crate::index::{Index, LeaseRecord, RefRecord, SnapshotRecord};
+use crate::index::{Index, LeaseRecord, RefRecord, SnapshotRecord, VolatileBatch};
+use crate::lease_log::LeaseLog;
 use crate::metrics::Metrics;
 use crate::peer::{PeerBook, PeerOptions};
 
@@ -160,6 +162,8 @@ pub struct Cache {
     config: CacheConfig,
     dirs: Dirs,
     index: Arc<Index>,
+    /// Leases taken or renewed since the flusher last copied them into the index.
+    lease_log: Arc<LeaseLog>,
     registry: Arc<Registry>,
     state: Mutex<State>,
     /// One lock per snapshot digest: held while it is materialized or evicted, so
@@ -234,6 +238,12 @@ impl Cache {
         }
         let index = Index::open(&root.join("index.redb"))?;
         let loaded = index.load()?;
+        // The index's leases, then the log's (a later line for a lease wins).
+        let (lease_log, logged) = LeaseLog::open(root)?;
+        let mut leases: HashMap<String, LeaseRecord> = HashMap::new();
+        for (id, record) in loaded.leases.into_iter().chain(logged) {
+            leases.insert(id, record);
+        }
         let mut state = State::default();
         for mut record in loaded.snapshots {
             let dir = dirs.snapshots.join(record.digest.hex());
@@ -260,7 +270,7 @@ impl Cache {
                 fsutil::remove_all(&entry.path());
             }
         }
-        for (id, mut record) in loaded.leases {
+        for (id, mut record) in leases {
             if record.expires_ms == 0 {
                 // Written before leases had a TTL: one full TTL from now.
                 record.expires_ms = now_ms() + config.lease_ttl.as_millis() as u64;
@@ -278,10 +288,18 @@ impl Cache {
             }
         }
         state.refs = loaded.refs.into_iter().collect();
+        // The logged leases go into the index, and the log starts empty.
+        let batch = VolatileBatch {
+            leases_put: state.leases.iter().map(|(id, l)| (id.clone(), l.record.clone())).collect(),
+            ..Default::default()
+        };
+        index.write_volatile(&batch)?;
+        lease_log.reset()?;
         let registry = Arc::new(Registry::new(&config.registry, &config.client, Arc::new(Stats::new()))?);
         let cache = Arc::new(Self {
             dirs,
             index: Arc::new(index),
+            lease_log: Arc::new(lease_log),
             registry,
             state: Mutex::new(state),
             flights: Mutex::default(),
@@ -438,27 +456,25 @@ impl Cache {
         }
     }
 
-    /// If the snapshot is cached and intact, takes a lease and answers.
+    /// If the snapshot is cached and intact, takes a lease and answers. The filesystem work
+    /// of a hit (the files' sizes and times, the lease's log line, the spare disk copy
+    /// moved into the lease) is one trip to the blocking pool; only a hit without a spare
+    /// copies the disk image, in a second one.
     async fn try_hit(
         &self,
         key: &str,
         digest: Sha256Digest,
         started: Instant,
     ) -> Result<Option<EnsureResponse>> {
-        let Some(record) = self.state.lock().expect("state lock").snapshots.get(&digest).cloned() else {
-            return Ok(None);
+        let (record, spare) = {
+            let mut st = self.state.lock().expect("state lock");
+            let Some(record) = st.snapshots.get(&digest).cloned() else {
+                return Ok(None);
+            };
+            (record, st.spares.remove(&digest))
         };
+        let t0 = Instant::now();
         let dir = self.dirs.snapshots.join(digest.hex());
-        // A written file changes its mtime: such a snapshot is checked before use.
-        let touched = record.files.iter().any(|f| {
-            std::fs::metadata(dir.join(&f.title))
-                .map_or(true, |m| m.len() != f.size || fsutil::mtime_ns(&m) != f.mtime_ns)
-        });
-        if touched && !self.verify(&record).await? {
-            tracing::warn!(%digest, "a cached file was modified; re-fetching the snapshot");
-            self.quarantine(&digest).await?;
-            return Ok(None);
-        }
         let lease_id = fsutil::nonce();
         let disk = record.files.iter().find(|f| f.role.as_deref() == Some(FileRole::Disk.key())).cloned();
         let now = now_ms();
@@ -468,17 +484,57 @@ impl Cache {
             created_ms: now,
             expires_ms: now + self.config.lease_ttl.as_millis() as u64,
         };
-        // Durable before it is handed out: a crash after the answer must not lose it.
-        if !self.persist_lease(&lease_id, &lease).await? {
-            return Ok(None);
-        }
-        let spare = {
+        let mut check_files = true;
+        let mut spare = spare;
+        let prepared = loop {
+            let job = HitJob {
+                lease_log: self.lease_log.clone(),
+                dir: dir.clone(),
+                record: record.clone(),
+                check_files,
+                lease_id: lease_id.clone(),
+                lease: lease.clone(),
+                lease_dir: self.dirs.leases.join(&lease_id),
+                disk_title: disk.as_ref().map(|d| d.title.clone()),
+                spare: spare.take(),
+            };
+            let prepared = tokio::task::spawn_blocking(move || job.run())
+                .await
+                .map_err(|source| CacheError::Task { what: "hit", source })?;
+            match prepared {
+                Ok(HitPrep::Touched(unused)) => {
+                    // A written file changes its mtime: such a snapshot is checked before use.
+                    self.return_spare(digest, unused);
+                    if !self.verify(&record).await? {
+                        tracing::warn!(%digest, "a cached file was modified; re-fetching the snapshot");
+                        self.quarantine(&digest).await?;
+                        return Ok(None);
+                    }
+                    check_files = false;
+                }
+                Ok(leased @ HitPrep::Leased { .. }) => break leased,
+                Err(e) => {
+                    // The job gave the spare back only on success paths: it may be spent.
+                    return Err(e);
+                }
+            }
+        };
+        let HitPrep::Leased { disk_copy, disk_source_allocated } = prepared else {
+            unreachable!("the loop breaks only on a lease")
+        };
+        let t_persist = t0.elapsed();
+        let had_spare = disk_copy.is_some();
+        let lease_expires_ms = {
             let mut st = self.state.lock().expect("state lock");
             let Some(rec) = st.snapshots.get_mut(&digest) else {
-                // Evicted meanwhile: the record written above is removed with the next flush.
-                st.dirty_leases.insert(lease_id);
+                // Evicted meanwhile: the logged lease is dropped with its snapshot (the flush
+                // and a start write no lease of a snapshot the index does not hold).
+                st.dirty_leases.insert(lease_id.clone());
                 drop(st);
+                self.lease_log.confirm(&lease_id);
                 self.dirty.notify_one();
+                let lease_dir = self.dirs.leases.join(&lease_id);
+                tokio::task::spawn_blocking(move || fsutil::remove_all(&lease_dir));
                 return Ok(None);
             };
             rec.last_used_ms = now;
@@ -486,11 +542,12 @@ impl Cache {
                 rec.references.push(key.to_owned());
             }
             let expires_ms = lease.expires_ms;
-            st.leases.insert(lease_id.clone(), Lease { record: lease, allocated: 0 });
+            let allocated = disk_copy.as_ref().map_or(0, |(_, a)| *a);
+            st.leases.insert(lease_id.clone(), Lease { record: lease, allocated });
             st.dirty_snapshots.insert(digest);
-            (st.spares.remove(&digest), expires_ms)
+            expires_ms
         };
-        let (spare, lease_expires_ms) = spare;
+        self.lease_log.confirm(&lease_id);
         self.dirty.notify_one();
         let mut files = BTreeMap::new();
         for f in &record.files {
@@ -498,36 +555,46 @@ impl Cache {
             files.insert(name, dir.join(&f.title).display().to_string());
         }
         if let Some(disk) = disk {
-            let source = dir.join(&disk.title);
-            if spare.is_none() {
-                // The copy counts against capacity like everything else: make room first.
-                let needed = allocated_bytes(&source);
-                let evicted = {
-                    let mut st = self.state.lock().expect("state lock");
-                    self.make_room(&mut st, needed, digest)
-                };
-                let room = match evicted {
-                    Ok(evicted) => self.finish_evictions(evicted).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = room {
-                    self.end_lease(&lease_id);
-                    return Err(e);
+            let path = match disk_copy {
+                Some((path, _)) => path,
+                None => {
+                    // No spare: the copy counts against capacity like everything else, so
+                    // room is made first.
+                    let evicted = {
+                        let mut st = self.state.lock().expect("state lock");
+                        self.make_room(&mut st, disk_source_allocated, digest)
+                    };
+                    let room = match evicted {
+                        Ok(evicted) => self.finish_evictions(evicted).await,
+                        Err(e) => Err(e),
+                    };
+                    let copied = match room {
+                        Ok(()) => self.copy_into_lease(&lease_id, &dir.join(&disk.title), &disk.title).await,
+                        Err(e) => Err(e),
+                    };
+                    match copied {
+                        Ok(path) => path,
+                        Err(e) => {
+                            self.end_lease(&lease_id);
+                            return Err(e);
+                        }
+                    }
                 }
-            }
-            match self.private_disk_copy(&lease_id, &source, &disk.title, spare).await {
-                Ok(path) => {
-                    files.insert(FileRole::Disk.key().to_owned(), path.display().to_string());
-                }
-                Err(e) => {
-                    self.end_lease(&lease_id);
-                    return Err(e);
-                }
-            }
+            };
+            files.insert(FileRole::Disk.key().to_owned(), path.display().to_string());
         }
+        let t_copy = t0.elapsed();
         self.update_gauges();
         self.holdings_changed.notify_one();
         self.spares_wanted.notify_one();
+        tracing::debug!(
+            %digest,
+            lease = %lease_id,
+            prepare_us = t_persist.as_micros() as u64,
+            total_us = t_copy.as_micros() as u64,
+            spare = had_spare,
+            "hit"
+        );
         Ok(Some(EnsureResponse {
             reference: key.to_owned(),
             digest,
@@ -539,5 +606,79 @@ impl Cache {
             hit: true,
             memory_socket: None,
         }))
+    }
+}
+
+/// What a hit does off the async threads, in order: checks that the snapshot's files have
+/// the size and modification time they were committed with (unless `check_files` is off,
+/// after a verification), appends the lease to the lease log, and moves the spare disk copy (if any)
+/// into the lease's directory.
+struct HitJob {
+    lease_log: Arc<LeaseLog>,
+    dir: PathBuf,
+    record: SnapshotRecord,
+    check_files: bool,
+    lease_id: String,
+    lease: LeaseRecord,
+    lease_dir: PathBuf,
+    disk_title: Option<String>,
+    spare: Option<Spare>,
+}
+
+/// How a [`HitJob`] ended.
+enum HitPrep {
+    /// A file's size or time changed: nothing written; the spare is handed back.
+    Touched(Option<Spare>),
+    /// The lease is in the log. `disk_copy`: the spare, now the lease's disk copy, and its
+    /// allocated bytes; `None` when there was no spare (or it could not be moved), and then
+    /// `disk_source_allocated` is what a copy will take.
+    Leased { disk_copy: Option<(PathBuf, u64)>, disk_source_allocated: u64 },
+}
+
+impl HitJob {
+    fn run(self) -> Result<HitPrep> {
+        if self.check_files {
+            let touched = self.record.files.iter().any(|f| {
+                std::fs::metadata(self.dir.join(&f.title))
+                    .map_or(true, |m| m.len() != f.size || fsutil::mtime_ns(&m) != f.mtime_ns)
+            });
+            if touched {
+                return Ok(HitPrep::Touched(self.spare));
+            }
+        }
+        // In the lease log before it is handed out: a kill after the answer must not lose it.
+        if let Err(e) = self.lease_log.append(&self.lease_id, &self.lease) {
+            if let Some(s) = &self.spare {
+                fsutil::remove_all(&s.path);
+            }
+            return Err(e);
+        }
+        let Some(title) = self.disk_title else {
+            if let Some(s) = &self.spare {
+                fsutil::remove_all(&s.path);
+            }
+            return Ok(HitPrep::Leased { disk_copy: None, disk_source_allocated: 0 });
+        };
+        if let Some(spare) = self.spare {
+            let dest = self.lease_dir.join(&title);
+            let moved =
+                std::fs::create_dir_all(&self.lease_dir).and_then(|()| std::fs::rename(&spare.path, &dest));
+            match moved {
+                Ok(()) => {
+                    return Ok(HitPrep::Leased {
+                        disk_copy: Some((dest, spare.allocated)),
+                        disk_source_allocated: 0,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not take the spare disk copy; copying");
+                    fsutil::remove_all(&spare.path);
+                }
+            }
+        }
+        Ok(HitPrep::Leased {
+            disk_copy: None,
+            disk_source_allocated: allocated_bytes(&self.dir.join(&title)),
+        })
     }
 }

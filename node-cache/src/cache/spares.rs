@@ -15,32 +15,37 @@ use crate::error::{CacheError, Result};
 use crate::fsutil;
 
 impl Cache {
-    /// Puts a private copy of the disk image in the lease's directory: the spare if there is
-    /// one (a rename), else a sparse copy now. Then makes the next spare in the background.
-    pub(super) async fn private_disk_copy(
-        &self,
-        lease: &str,
-        source: &Path,
-        title: &str,
-        spare: Option<Spare>,
-    ) -> Result<PathBuf> {
+    /// Copies the disk image into the lease's directory now (there was no spare), off the
+    /// async threads; records the copy's allocated bytes on the lease.
+    pub(super) async fn copy_into_lease(&self, lease: &str, source: &Path, title: &str) -> Result<PathBuf> {
         let dir = self.dirs.leases.join(lease);
-        std::fs::create_dir_all(&dir).map_err(|e| CacheError::io("creating", &dir, e))?;
         let dest = dir.join(title);
-        let allocated = match spare {
-            Some(s) => match std::fs::rename(&s.path, &dest) {
-                Ok(()) => s.allocated,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not take the spare disk copy; copying");
-                    copy_blocking(source, &dest).await?
-                }
-            },
-            None => copy_blocking(source, &dest).await?,
-        };
+        let (from, to) = (source.to_owned(), dest.clone());
+        let allocated = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| CacheError::io("creating", &dir, e))?;
+            let (allocated, kind) = fsutil::private_copy(&from, &to)?;
+            tracing::debug!(?kind, allocated, to = %to.display(), "private disk copy");
+            Ok::<_, CacheError>(allocated)
+        })
+        .await
+        .map_err(|source| CacheError::Task { what: "copy", source })??;
         if let Some(l) = self.state.lock().expect("state lock").leases.get_mut(lease) {
             l.allocated = allocated;
         }
         Ok(dest)
+    }
+
+    /// Puts back a spare a hit took but did not use; removes it (in the background) if its
+    /// snapshot is gone or another spare took its place.
+    pub(super) fn return_spare(&self, digest: Sha256Digest, spare: Option<Spare>) {
+        let Some(spare) = spare else { return };
+        let mut st = self.state.lock().expect("state lock");
+        if st.snapshots.contains_key(&digest) && !st.spares.contains_key(&digest) {
+            st.spares.insert(digest, spare);
+        } else {
+            drop(st);
+            tokio::task::spawn_blocking(move || fsutil::remove_all(&spare.path));
+        }
     }
 
     /// Makes a spare disk copy of a cached snapshot, if it has a disk and none is ready.

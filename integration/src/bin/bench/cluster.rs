@@ -28,7 +28,7 @@ use crate::proxy::{Proxy, Wire};
 use crate::systems::{free_port, reference, wire_since, Daemon};
 
 /// Warm hits timed per network.
-const HIT_PAIRS: usize = 200;
+const HIT_PAIRS: usize = 1000;
 /// Extender calls timed per verb.
 const EXTENDER_CALLS: usize = 200;
 /// Synthetic nodes in the directory the extender reads.
