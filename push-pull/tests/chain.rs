@@ -143,3 +143,34 @@ async fn a_malformed_recipe_annotation_is_refused() {
     let text = response.text().await.unwrap();
     assert!(text.contains("MANIFEST_INVALID") && text.contains("must be a sha256 digest"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_layers_naming_other_recipes_get_a_bounded_warning() {
+    let registry = ThawRegistry::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let data = SnapshotData::new(64, 64, 41);
+    data.write(&work.path().join("s"));
+    let host = registry.host();
+    let reference = Reference::parse(&format!("{host}/fn/many:v1")).unwrap();
+    let client = client_for(&reference);
+    thaw_client::push_dir(&client, &reference, &work.path().join("s"), &PushOptions::default()).await.unwrap();
+    let manifest = client.get_manifest("fn/many", "v1").await.unwrap();
+    let mut forged: Value = serde_json::from_slice(&manifest.body).unwrap();
+    // 500 layers, all the same memory blob, each naming a different wrong recipe.
+    let memory = layers(&manifest.body)[0].clone();
+    let many: Vec<Value> = (0..500u32)
+        .map(|i| {
+            let mut layer = memory.clone();
+            layer["annotations"][media::ANNOTATION_RECIPE] =
+                Value::String(Sha256Digest::of(&i.to_le_bytes()).to_string());
+            layer
+        })
+        .collect();
+    forged["layers"] = Value::Array(many);
+    let response = put_manifest(&host, "fn/many", "v2", serde_json::to_vec(&forged).unwrap()).await;
+    assert_eq!(response.status(), 201);
+    let warnings: Vec<&str> =
+        response.headers().get_all("warning").iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(warnings.len(), 9, "8 layers named, then a count: {warnings:?}");
+    assert!(warnings[8].contains("492 more layers"), "{}", warnings[8]);
+}

@@ -165,25 +165,53 @@ async fn check_recipe_annotations(
     blobs: &[thaw_schema::manifest::Reference],
 ) -> ApiResult<Vec<String>> {
     let mut warnings = Vec::new();
-    let mut checked = std::collections::HashSet::new();
+    let mut mismatched = 0usize;
+    // Each blob's recipe is encoded and hashed once, off the async threads, however many
+    // layers name it (a recipe may be 64 MiB; a manifest may list thousands of layers).
+    let mut held_by_blob: std::collections::HashMap<Sha256Digest, Option<Sha256Digest>> =
+        std::collections::HashMap::new();
     for blob in blobs {
         let Some(named) = blob.recipe else { continue };
-        if !checked.insert((blob.digest, named)) {
-            continue;
-        }
-        let held = state.store.get_recipe(&blob.digest).await?.map(|r| r.encoded_digest());
+        let held = match held_by_blob.get(&blob.digest) {
+            Some(held) => *held,
+            None => {
+                let held = match state.store.get_recipe(&blob.digest).await? {
+                    Some(recipe) => Some(
+                        tokio::task::spawn_blocking(move || recipe.encoded_digest())
+                            .await
+                            .map_err(|e| ApiError::new(ErrorCode::Unknown, e.to_string()))?,
+                    ),
+                    None => None,
+                };
+                held_by_blob.insert(blob.digest, held);
+                held
+            }
+        };
         if held != Some(named) {
-            tracing::warn!(blob = %blob.digest, %named, held = ?held, "a manifest's recipe annotation does not match the stored recipe");
-            warnings.push(format!(
-                "layer {}: annotation {} names recipe {named}, but this registry keeps the blob by {}; clients will verify the whole file",
-                blob.digest,
-                media::ANNOTATION_RECIPE,
-                held.map_or_else(|| "no recipe".to_owned(), |d| d.to_string()),
-            ));
+            mismatched += 1;
+            if warnings.len() < MAX_WARNINGS {
+                tracing::warn!(blob = %blob.digest, %named, held = ?held, "a manifest's recipe annotation does not match the stored recipe");
+                warnings.push(format!(
+                    "layer {}: annotation {} names recipe {named}, but this registry keeps the blob by {}; clients will verify the whole file",
+                    blob.digest,
+                    media::ANNOTATION_RECIPE,
+                    held.map_or_else(|| "no recipe".to_owned(), |d| d.to_string()),
+                ));
+            }
         }
+    }
+    if mismatched > warnings.len() {
+        warnings.push(format!(
+            "{} more layers name another recipe than the one this registry keeps",
+            mismatched - warnings.len()
+        ));
     }
     Ok(warnings)
 }
+
+/// Warning headers a manifest push answers with at most (one per mismatched layer, then
+/// one counting the rest), so a manifest of many layers cannot make a huge answer.
+const MAX_WARNINGS: usize = 8;
 
 pub(super) async fn delete(state: &Arc<AppState>, name: &str, reference: &str) -> ApiResult<Response> {
     match parse_reference(reference)? {
