@@ -153,7 +153,9 @@ async fn many_layers_naming_other_recipes_get_a_bounded_warning() {
     let host = registry.host();
     let reference = Reference::parse(&format!("{host}/fn/many:v1")).unwrap();
     let client = client_for(&reference);
-    thaw_client::push_dir(&client, &reference, &work.path().join("s"), &PushOptions::default()).await.unwrap();
+    thaw_client::push_dir(&client, &reference, &work.path().join("s"), &PushOptions::default())
+        .await
+        .unwrap();
     let manifest = client.get_manifest("fn/many", "v1").await.unwrap();
     let mut forged: Value = serde_json::from_slice(&manifest.body).unwrap();
     // 500 layers, all the same memory blob, each naming a different wrong recipe.
