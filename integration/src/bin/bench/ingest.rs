@@ -367,7 +367,7 @@ pub(crate) fn write_section(md: &mut String, label: &str, reps: usize, ingest: &
          all the pages), BLAKE3 of every piece (the chunk ids) {:.0}, SHA-256 of the whole (the \
          layer digest) {:.0}. One after another: {:.0} MiB/CPU-s, {:.2}x of zstd alone: the \
          ceiling of a pipeline that computes what a push needs, on this machine. thaw reaches \
-         **{:.2}x of that floor**.\n",
+         **{:.2}x of that ceiling**.\n",
         mib(l.bytes) / l.zstd_distinct_cpu,
         mib(l.bytes) / l.blake3_cpu,
         mib(l.bytes) / l.sha256_cpu,
