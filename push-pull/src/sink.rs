@@ -1,6 +1,7 @@
 //! Writing files that must never appear half-done: a temporary file next to the destination
 //! (removed unless it is finished), written front to back with zero blocks left as holes,
-//! hashed as it is written, checked against the expected digest and size, then renamed.
+//! checked against the expected size and (unless the chunk chain proves it, D30) hashed as
+//! it is written and checked against the expected digest, then renamed.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt as _;
