@@ -25,6 +25,20 @@ async fn put_manifest(host: &str, repository: &str, tag: &str, body: Vec<u8>) ->
         .unwrap()
 }
 
+/// Pushes a small snapshot (seed `seed`) to `<host>/<repository>:v1`; answers its manifest
+/// body as JSON.
+async fn push_small(host: &str, repository: &str, seed: u64) -> Value {
+    let work = tempfile::tempdir().unwrap();
+    SnapshotData::new(64, 64, seed).write(&work.path().join("s"));
+    let reference = Reference::parse(&format!("{host}/{repository}:v1")).unwrap();
+    let client = client_for(&reference);
+    thaw_client::push_dir(&client, &reference, &work.path().join("s"), &PushOptions::default())
+        .await
+        .unwrap();
+    let manifest = client.get_manifest(repository, "v1").await.unwrap();
+    serde_json::from_slice(&manifest.body).unwrap()
+}
+
 /// The layers of a manifest body, as JSON.
 fn layers(body: &[u8]) -> Vec<Value> {
     let v: Value = serde_json::from_slice(body).unwrap();
@@ -126,17 +140,8 @@ async fn a_manifest_naming_another_recipe_is_accepted_with_a_warning_and_checked
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_recipe_annotation_is_refused() {
     let registry = ThawRegistry::start().await;
-    let work = tempfile::tempdir().unwrap();
-    let data = SnapshotData::new(64, 64, 31);
-    data.write(&work.path().join("s"));
     let host = registry.host();
-    let reference = Reference::parse(&format!("{host}/fn/bad:v1")).unwrap();
-    let client = client_for(&reference);
-    thaw_client::push_dir(&client, &reference, &work.path().join("s"), &PushOptions::default())
-        .await
-        .unwrap();
-    let manifest = client.get_manifest("fn/bad", "v1").await.unwrap();
-    let mut forged: Value = serde_json::from_slice(&manifest.body).unwrap();
+    let mut forged = push_small(&host, "fn/bad", 31).await;
     forged["layers"][0]["annotations"][media::ANNOTATION_RECIPE] = Value::String("not-a-digest".into());
     let response = put_manifest(&host, "fn/bad", "v2", serde_json::to_vec(&forged).unwrap()).await;
     assert_eq!(response.status(), 400);
@@ -147,19 +152,10 @@ async fn a_malformed_recipe_annotation_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_layers_naming_other_recipes_get_a_bounded_warning() {
     let registry = ThawRegistry::start().await;
-    let work = tempfile::tempdir().unwrap();
-    let data = SnapshotData::new(64, 64, 41);
-    data.write(&work.path().join("s"));
     let host = registry.host();
-    let reference = Reference::parse(&format!("{host}/fn/many:v1")).unwrap();
-    let client = client_for(&reference);
-    thaw_client::push_dir(&client, &reference, &work.path().join("s"), &PushOptions::default())
-        .await
-        .unwrap();
-    let manifest = client.get_manifest("fn/many", "v1").await.unwrap();
-    let mut forged: Value = serde_json::from_slice(&manifest.body).unwrap();
+    let mut forged = push_small(&host, "fn/many", 41).await;
     // 500 layers, all the same memory blob, each naming a different wrong recipe.
-    let memory = layers(&manifest.body)[0].clone();
+    let memory = forged["layers"][0].clone();
     let many: Vec<Value> = (0..500u32)
         .map(|i| {
             let mut layer = memory.clone();
