@@ -292,8 +292,12 @@ pub(super) async fn commit(
         stored.expect("a proven recipe is stored")
     };
     tracing::info!(repository = %name, %digest, "blob committed from recipe");
+    // Off the async threads: a recipe may be 64 MiB.
+    let held = tokio::task::spawn_blocking(move || held.encoded_digest())
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unknown, e.to_string()))?;
     let mut response = super::blobs::blob_created(name, &digest);
-    header(&mut response, RECIPE_DIGEST_HEADER, held.encoded_digest().to_string());
+    header(&mut response, RECIPE_DIGEST_HEADER, held.to_string());
     Ok(response)
 }
 
